@@ -1,0 +1,207 @@
+"""Multi-head attention that stays fused and still yields the attention rows tgGBC needs.
+
+`MultiheadAttention` has exactly the parameters of `torch.nn.MultiheadAttention` (in_proj_weight,
+in_proj_bias, out_proj.weight, out_proj.bias), so state dicts load both ways. Its output always
+comes from `scaled_dot_product_attention` (flash / fused kernels where the device has them). With
+`return_rows=True` it also hands back an `AttentionRows` that keeps the projected queries and keys
+of this call; tgGBC then asks it for the head-averaged weights of only the top-k queries once the
+layer's class logits are known: K x Nk per head instead of the Nq x Nk map the published code
+materialises.
+
+Imports nothing but torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MultiheadAttention", "AttentionRows"]
+
+
+class AttentionRows:
+    """Head-averaged attention weights of chosen queries, computed on demand.
+
+    Holds q [B, H, Nq, hd] and k [B, H, Nk, hd] from one attention call and the additive mask
+    [B, 1, 1, Nk] (or None).
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, mask: Tensor | None):
+        self.q, self.k, self.mask = q, k, mask
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, Nq, Nk) of the full map these rows come from."""
+        return (self.q.shape[0], self.q.shape[2], self.k.shape[2])
+
+    @torch.no_grad()
+    def __call__(self, query_index: Tensor | None = None, chunk: int = 256) -> Tensor:
+        """Head-averaged post-softmax weights of the queries in `query_index`.
+
+        Args:
+            query_index: [B, K] long query indices, or None for all Nq queries.
+            chunk: queries per block when computing all rows (bounds the [B, H, chunk, Nk]
+                temporary).
+        Returns:
+            [B, K, Nk] (or [B, Nq, Nk]) float32 rows, equal to nn.MultiheadAttention's averaged
+            weights for those queries.
+        """
+        q = self.q
+        if query_index is not None:
+            batch, heads, _, dim = q.shape
+            if query_index.dim() != 2 or query_index.shape[0] != batch:
+                raise ValueError(f"query_index must be [B={batch}, K], got {tuple(query_index.shape)}")
+            q = q.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, dim))  # (B, H, K, hd)
+        if q.shape[2] <= chunk or query_index is not None:
+            return self._rows(q)
+        return torch.cat([self._rows(q[:, :, i : i + chunk]) for i in range(0, q.shape[2], chunk)], dim=1)
+
+    def _rows(self, q: Tensor) -> Tensor:
+        # Softmax in float32 whatever the compute dtype: these rows rank keys, and bf16/fp16
+        # ties would make the kept set depend on the precision.
+        scale = q.shape[-1] ** -0.5
+        logits = torch.matmul(q, self.k.transpose(-2, -1)).float() * scale  # (B, H, K, Nk)
+        if self.mask is not None:
+            logits = logits + self.mask
+        return logits.softmax(dim=-1).mean(dim=1)  # (B, K, Nk)
+
+
+def _additive_mask(key_padding_mask: Tensor | None, batch: int, num_keys: int) -> Tensor | None:
+    """[B, Nk] bool (True = padded) or float (added to logits) -> [B, 1, 1, Nk] float."""
+    if key_padding_mask is None:
+        return None
+    if tuple(key_padding_mask.shape) != (batch, num_keys):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, Nk) = {(batch, num_keys)}, got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.dtype == torch.bool:
+        mask = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=key_padding_mask.device)
+        mask = mask.masked_fill(key_padding_mask, float("-inf"))
+    elif key_padding_mask.is_floating_point():
+        mask = key_padding_mask.float()
+    else:
+        raise TypeError(f"key_padding_mask must be bool or floating point, got {key_padding_mask.dtype}")
+    return mask[:, None, None, :]
+
+
+class MultiheadAttention(nn.Module):
+    """Drop-in for nn.MultiheadAttention (same parameters, same maths) built on fused SDPA.
+
+    Args:
+        embed_dim: E.
+        num_heads: H; E must be divisible by H.
+        dropout: attention dropout (training only).
+        batch_first: inputs are [B, N, E] if True, else [N, B, E] (nn.MultiheadAttention's default).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, batch_first: bool = False):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention's initialisation.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
+        """A copy of an nn.MultiheadAttention (packed in-projection, no bias_k/v, no add_zero_attn)."""
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or mha.in_proj_bias is None:
+            raise ValueError("only nn.MultiheadAttention with packed in_proj, biases, no bias_k/bias_v is supported")
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.batch_first)
+        new.load_state_dict(mha.state_dict())
+        return new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
+
+    def _project(self, x: Tensor, i: int) -> Tensor:
+        """x [B, N, E] -> head-split projection i (0 q, 1 k, 2 v): [B, H, N, hd]."""
+        e = self.embed_dim
+        y = F.linear(x, self.in_proj_weight[i * e : (i + 1) * e], self.in_proj_bias[i * e : (i + 1) * e])
+        return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        return_rows: bool = False,
+    ) -> tuple[Tensor, Tensor | AttentionRows | None]:
+        """Attention of query over key/value.
+
+        Args:
+            query: [B, Nq, E] (batch_first) or [Nq, B, E].
+            key, value: [B, Nk, E] or [Nk, B, E]; `value is key` is allowed.
+            key_padding_mask: [B, Nk], bool (True = ignore) or float (added to logits).
+            need_weights: return explicit head-averaged weights [B, Nq, Nk] computed the way
+                nn.MultiheadAttention does (the unfused path the published tgGBC code needs).
+            attn_mask: optional [Nq, Nk] bool (True = not allowed) or float additive mask.
+            return_rows: return an AttentionRows handle (fused output, rows on demand). The
+                rows honour key_padding_mask, not attn_mask (tgGBC scores cross-attention).
+        Returns:
+            (output shaped like query, weights | AttentionRows | None).
+        """
+        if need_weights and return_rows:
+            raise ValueError("need_weights and return_rows are exclusive: rows are the cheap form of weights")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} must be 3-D with {self.embed_dim} channels, got {tuple(t.shape)}")
+        if need_weights:
+            out, weights = F.multi_head_attention_forward(
+                *(x if not self.batch_first else x.transpose(0, 1) for x in (query, key, value)),
+                self.embed_dim,
+                self.num_heads,
+                self.in_proj_weight,
+                self.in_proj_bias,
+                None,
+                None,
+                False,
+                self.dropout,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                training=self.training,
+                key_padding_mask=key_padding_mask,
+                need_weights=True,
+                attn_mask=attn_mask,
+                average_attn_weights=True,
+            )
+            return (out.transpose(0, 1) if self.batch_first else out), weights
+        if not self.batch_first:  # SDPA wants batch first: (N, B, E) -> (B, N, E), views only
+            query, key, value = (x.transpose(0, 1) if x is not None else None for x in (query, key, value))
+        batch, num_queries, num_keys = query.shape[0], query.shape[1], key.shape[1]
+        if key.shape[0] != batch or value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"query batch {batch}, key {tuple(key.shape)} and value {tuple(value.shape)} do not agree")
+        q = self._project(query, 0)  # (B, H, Nq, hd)
+        k = self._project(key, 1)  # (B, H, Nk, hd)
+        v = self._project(value, 2)  # (B, H, Nk, hd); its own weights even when value is key
+        mask = _additive_mask(key_padding_mask, batch, num_keys)
+        sdpa_mask = mask
+        if attn_mask is not None:
+            if tuple(attn_mask.shape) != (num_queries, num_keys):
+                raise ValueError(
+                    f"attn_mask must be (Nq, Nk) = {(num_queries, num_keys)}, got {tuple(attn_mask.shape)}"
+                )
+            extra = (
+                attn_mask.float().masked_fill(attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else attn_mask.float()
+            )
+            sdpa_mask = extra if mask is None else mask + extra
+        if sdpa_mask is not None:
+            sdpa_mask = sdpa_mask.to(q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout)  # (B, H, Nq, hd)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Nq, E)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        rows = AttentionRows(q, k, mask) if return_rows else None
+        return out, rows
