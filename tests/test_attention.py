@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tggbc import MultiheadAttention
+from tggbc import MultiheadAttention, key_importance, query_confidence
 
 E, H = 32, 4
 
@@ -49,11 +49,21 @@ def test_rows_equal_torch_weights(batch_first, padded):
         assert bool((rows()[mask.unsqueeze(1).expand(-1, 7, -1)] == 0).all())
 
 
-def test_rows_chunked_equal_unchunked():
-    _, fast = make_pair(True)
-    q, k, v, _ = inputs(True, nq=40)
-    _, rows = fast(q, k, v, return_rows=True)
-    torch.testing.assert_close(rows(chunk=7), rows(chunk=1000), rtol=0, atol=1e-7)
+@pytest.mark.parametrize("padded", [False, True])
+def test_importance_from_heads_equals_reference_importance(padded):
+    """AttentionRows.importance == key_importance on nn.MultiheadAttention's explicit weights."""
+    ref, fast = make_pair(True)
+    q, k, v, mask = inputs(True, nq=9, padded=padded)
+    _, w_ref = ref(q, k, v, key_padding_mask=mask)
+    _, rows = fast(q, k, v, key_padding_mask=mask, return_rows=True)
+    cls_logits = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(4))
+    confidence = query_confidence(cls_logits)
+    index = confidence.topk(4, dim=1).indices
+    got = rows.importance(index, confidence.gather(1, index))
+    torch.testing.assert_close(got, key_importance(cls_logits, w_ref, k=4), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rows.importance(None, confidence), key_importance(cls_logits, w_ref), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="weights must be"):
+        rows.importance(index, confidence)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

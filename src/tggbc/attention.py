@@ -24,7 +24,8 @@ class AttentionRows:
     """Head-averaged attention weights of chosen queries, computed on demand.
 
     Holds q [B, H, Nq, hd] and k [B, H, Nk, hd] from one attention call and the additive mask
-    [B, 1, 1, Nk] (or None).
+    [B, 1, 1, Nk] (or None). Nothing is computed until asked; then one head at a time, so the
+    largest temporary is [B, K, Nk] rather than the [B, H, Nq, Nk] map.
     """
 
     def __init__(self, q: Tensor, k: Tensor, mask: Tensor | None):
@@ -35,36 +36,66 @@ class AttentionRows:
         """(B, Nq, Nk) of the full map these rows come from."""
         return (self.q.shape[0], self.q.shape[2], self.k.shape[2])
 
-    @torch.no_grad()
-    def __call__(self, query_index: Tensor | None = None, chunk: int = 256) -> Tensor:
-        """Head-averaged post-softmax weights of the queries in `query_index`.
-
-        Args:
-            query_index: [B, K] long query indices, or None for all Nq queries.
-            chunk: queries per block when computing all rows (bounds the [B, H, chunk, Nk]
-                temporary).
-        Returns:
-            [B, K, Nk] (or [B, Nq, Nk]) float32 rows, equal to nn.MultiheadAttention's averaged
-            weights for those queries.
-        """
+    def _queries(self, query_index: Tensor | None) -> Tensor:
+        """Scaled float32 queries of the chosen rows: [B, H, K, hd]."""
         q = self.q
         if query_index is not None:
             batch, heads, _, dim = q.shape
             if query_index.dim() != 2 or query_index.shape[0] != batch:
                 raise ValueError(f"query_index must be [B={batch}, K], got {tuple(query_index.shape)}")
             q = q.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, dim))  # (B, H, K, hd)
-        if q.shape[2] <= chunk or query_index is not None:
-            return self._rows(q)
-        return torch.cat([self._rows(q[:, :, i : i + chunk]) for i in range(0, q.shape[2], chunk)], dim=1)
+        # Float32 whatever the compute dtype: these rows rank keys, and bf16/fp16 rounding would
+        # make the kept set depend on the precision.
+        return q.float() * q.shape[-1] ** -0.5
 
-    def _rows(self, q: Tensor) -> Tensor:
-        # Softmax in float32 whatever the compute dtype: these rows rank keys, and bf16/fp16
-        # ties would make the kept set depend on the precision.
-        scale = q.shape[-1] ** -0.5
-        logits = torch.matmul(q, self.k.transpose(-2, -1)).float() * scale  # (B, H, K, Nk)
-        if self.mask is not None:
-            logits = logits + self.mask
-        return logits.softmax(dim=-1).mean(dim=1)  # (B, K, Nk)
+    def _head_softmax(self, q: Tensor, h: int) -> Tensor:
+        """Post-softmax weights of head h: [B, K, Nk] float32."""
+        k = self.k[:, h].float().transpose(1, 2)  # (B, hd, Nk)
+        if self.mask is None:
+            logits = torch.bmm(q[:, h], k)
+        else:
+            logits = torch.baddbmm(self.mask[:, 0], q[:, h], k)  # mask added in the GEMM epilogue
+        return logits.softmax(dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, query_index: Tensor | None = None) -> Tensor:
+        """Head-averaged post-softmax weights of the queries in `query_index`.
+
+        Args:
+            query_index: [B, K] long query indices, or None for all Nq queries.
+        Returns:
+            [B, K, Nk] (or [B, Nq, Nk]) float32 rows, equal to nn.MultiheadAttention's averaged
+            weights for those queries.
+        """
+        q = self._queries(query_index)
+        heads = q.shape[1]
+        rows = self._head_softmax(q, 0)
+        for h in range(1, heads):
+            rows += self._head_softmax(q, h)
+        return rows.div_(heads)
+
+    @torch.no_grad()
+    def importance(self, query_index: Tensor | None, weights: Tensor) -> Tensor:
+        """tgGBC importance straight from the heads, without forming the averaged rows.
+
+        S_j = sum_i weights_i * mean_h softmax_h(q_i . k_j): per head one GEMM, one softmax and
+        one GEMV, so the cost is K x Nk per head and the temporary is one head's [B, K, Nk].
+
+        Args:
+            query_index: [B, K] voting queries, or None for all.
+            weights: [B, K] (or [B, Nq]) their confidences.
+        Returns:
+            [B, Nk] float32 importance.
+        """
+        q = self._queries(query_index)
+        batch, heads, num_rows, _ = q.shape
+        if tuple(weights.shape) != (batch, num_rows):
+            raise ValueError(f"weights must be (B, K) = {(batch, num_rows)}, got {tuple(weights.shape)}")
+        w = (weights.float() / heads).unsqueeze(1)  # (B, 1, K): the head mean folded into the weights
+        importance = torch.zeros(batch, 1, self.k.shape[2], device=q.device)
+        for h in range(heads):
+            importance.baddbmm_(w, self._head_softmax(q, h))  # (B, 1, K) @ (B, K, Nk)
+        return importance.squeeze(1)
 
 
 def _additive_mask(key_padding_mask: Tensor | None, batch: int, num_keys: int) -> Tensor | None:

@@ -137,20 +137,25 @@ class KeyPruner:
                 cls_logits = cls_logits.transpose(0, 1)
             confidence = query_confidence(cls_logits)  # (B, Nq)
             index = top_queries(confidence, self.k)  # (B, K) or None
+            weights = confidence if index is None else confidence.gather(1, index)
             if isinstance(attn, Tensor):
                 expected = (confidence.shape[0], confidence.shape[1], num_keys)
                 if tuple(attn.shape) != expected:
                     raise ValueError(f"attn must be (B, Nq, Nk) = {expected}, got {tuple(attn.shape)}")
                 rows = attn if index is None else attn.gather(1, index.unsqueeze(-1).expand(-1, -1, num_keys))
+                importance = importance_from_rows(rows, weights)  # (B, Nk)
+            elif hasattr(attn, "importance"):  # AttentionRows: straight from the heads
+                importance = attn.importance(index, weights)
             elif callable(attn):
                 rows = attn(index)
-                expected = (confidence.shape[0], confidence.shape[1] if index is None else index.shape[1], num_keys)
+                expected = (confidence.shape[0], weights.shape[1], num_keys)
                 if tuple(rows.shape) != expected:
                     raise ValueError(f"attention rows must be {expected}, got {tuple(rows.shape)}")
+                importance = importance_from_rows(rows, weights)
             else:
                 raise TypeError(f"attn must be a tensor or a callable returning rows, got {type(attn).__name__}")
-            weights = confidence if index is None else confidence.gather(1, index)
-            importance = importance_from_rows(rows, weights)  # (B, Nk)
+            if importance.shape[-1] != num_keys:
+                raise ValueError(f"attention covers {importance.shape[-1]} keys but key has {num_keys}")
             kept = select_keys(importance, drop, key_padding_mask)  # (B, Nk - drop)
             if self.track:
                 origin = self._origin
