@@ -204,9 +204,10 @@ def _build(
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     torch.manual_seed(seed)
     kwargs = {} if queries is None else {"num_queries": queries}
-    decoder = build_decoder(preset.kind, **kwargs).to(dev, torch_dtype).eval()
+    # No parameter needs a gradient here (and FlopCounterMode's module hooks trip over ones that do).
+    decoder = build_decoder(preset.kind, **kwargs).to(dev, torch_dtype).eval().requires_grad_(False)
     # Check the setting before anything slow runs (r >= keys and the like).
-    KeyPruner(r=preset.r, n=preset.n, k=preset.k).reset(preset.keys, decoder.num_layers)
+    KeyPruner(r=preset.r, n=preset.n, k=preset.k).reset(preset.keys, len(decoder.layers))
     inputs = example_inputs(decoder, num_keys=preset.keys, batch=batch, device=dev, dtype=torch_dtype, seed=seed)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     pruner_cls = TimedKeyPruner if timed else KeyPruner
