@@ -145,12 +145,18 @@ def test_pruner_none_or_disabled_is_exactly_dense(kind):
         dense = decoder(**inputs)
         for pruner in (KeyPruner(r=20, n=2, enabled=False), KeyPruner(r=0)):
             decoder.pruner = pruner
-            for attention in ("fast", "reference"):
-                decoder.attention = attention
-                out = decoder(**inputs)
-                assert torch.equal(out.cls_scores, dense.cls_scores)
-                assert torch.equal(out.bbox_preds, dense.bbox_preds)
-                assert out.keys_per_layer == [40, 40, 40]
+            out = decoder(**inputs)
+            assert torch.equal(out.cls_scores, dense.cls_scores)
+            assert torch.equal(out.bbox_preds, dense.bbox_preds)
+            assert out.keys_per_layer == [40, 40, 40]
+            # "reference" runs every cross-attention unfused (explicit weights): same maths,
+            # other summation order.
+            decoder.attention = "reference"
+            out = decoder(**inputs)
+            decoder.attention = "fast"
+            torch.testing.assert_close(out.cls_scores, dense.cls_scores, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.bbox_preds, dense.bbox_preds, rtol=1e-4, atol=1e-5)
+            assert out.keys_per_layer == [40, 40, 40]
 
 
 @pytest.mark.parametrize("kind", ["petr", "focalpetr", "streampetr"])

@@ -70,8 +70,8 @@ class PETRFamilyDecoder(nn.Module):
         pc_range: (x_min, y_min, z_min, x_max, y_max, z_max) the centres are decoded into.
         pruner: a KeyPruner (or None for the dense decoder); a plain attribute, swap it freely.
         attention: "fast" (fused attention; tgGBC reads only the rows it needs) or "reference"
-            (explicit head-averaged weights, the unfused path of the published code). Only the
-            cross-attention of a layer that prunes afterwards differs; a plain attribute.
+            (explicit head-averaged weights in every cross-attention, the unfused path of the
+            published code). Self-attention is fused in both; a plain attribute.
     """
 
     center_index: tuple[int, int, int] = (0, 1, 2)
@@ -208,8 +208,13 @@ class PETRFamilyDecoder(nn.Module):
             keys_per_layer.append(memory.shape[1])
             if origin is not None:
                 kept.append(origin)
-            # Attention rows / weights cost extra work: ask only when this layer prunes.
-            want = None if schedule[i] == 0 else ("rows" if mode == "fast" else "weights")
+            # "reference" is the published code: its nn.MultiheadAttention returns weights from
+            # every cross-attention (need_weights defaults to True), so every layer runs unfused.
+            # "fast" asks for the cheap rows handle only where a layer prunes.
+            if mode == "reference":
+                want = "weights"
+            else:
+                want = "rows" if schedule[i] else None
             query, attn = layer(query, query_pos, memory, key_pos, key_padding_mask, temp_memory, temp_pos, want)
             # The hosts apply nan_to_num to the normed outputs before their branches.
             out = torch.nan_to_num(self.final_norm(query))  # (B, Nq, E)

@@ -1,0 +1,60 @@
+"""`tggbc bench` on a tiny setting: it runs, its JSON has every field, bad settings fail early."""
+
+import json
+
+import pytest
+
+from tggbc.bench import METHODS, MethodResult, Preset, count_flops, run_benchmark
+from tggbc.cli import main
+
+TINY = ["--kind", "focalpetr", "--keys", "96", "--queries", "40", "--r", "0.5", "--k", "8"]
+
+
+def test_bench_json_has_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--runs", "2", "--warmup", "1", "--no-progress", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for method in METHODS:
+        assert method in table
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"preset", "setting", "env", "results"}
+    assert payload["setting"]["keys"] == 96
+    fields = set(MethodResult.__dataclass_fields__)
+    assert [r["method"] for r in payload["results"]] == list(METHODS)
+    for r in payload["results"]:
+        assert set(r) == fields
+        assert len(r["times_ms"]) == 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    dense, reference, fast = payload["results"]
+    assert dense["keys_per_layer"] == [96] * 6
+    assert fast["keys_per_layer"] == reference["keys_per_layer"] == [96] + [48] * 5
+    assert dense["speedup"] == 1.0 and dense["prune_ms"] == 0.0
+    assert fast["prune_ms"] > 0
+    # Fewer keys, fewer FLOPs: the pruned decoders count strictly less work than the dense one.
+    assert fast["gflops"] < dense["gflops"] and fast["flop_ratio"] > 1.0
+
+
+def test_count_flops_counts_a_matmul():
+    import torch
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "nope"], "unknown preset"),
+        (["--keys", "100", "--r", "100"], "at least one key"),
+        (["--methods", "dense,turbo"], "turbo"),
+        (["--runs", "0"], "runs >= 1"),
+    ],
+)
+def test_bench_bad_settings(argv, message, capsys):
+    assert main(["bench", "--kind", "focalpetr", "--keys", "64", *argv, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_benchmark_single_method():
+    results = run_benchmark(Preset("petr", 64, 16, n=2, k=4), queries=20, warmup=0, runs=1, methods=("fast",))
+    assert [r.method for r in results] == ["fast"]
+    assert results[0].keys_per_layer == [64, 56, 48, 48, 48, 48]
