@@ -320,7 +320,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def format_table(name: str, preset: Preset, results: list[MethodResult], env: dict) -> str:
     lines = [
         f"preset {name}: {preset.kind} decoder, {preset.keys} keys, r={preset.r} n={preset.n} k={preset.k}",
-        f"{env['device']} {env['dtype']}, {env['threads']} threads, batch {env['batch']}, "
+        f"{env.get('backend', 'torch')} on {env['device']} {env['dtype']}, {env['threads']} threads, "
+        f"batch {env['batch']}, "
         f"{env['runs']} timed runs after {env['warmup']} warm-up, torch {env['torch']}",
         "",
         f"{'method':<10} {'median ms':>10} {'min':>9} {'max':>9} {'x dense':>8} {'prune ms':>9} "
@@ -365,7 +366,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=parse_r, default=None, help="keys to drop: count, fraction or per-layer list")
     parser.add_argument("--n", type=int, default=None, help="layers that prune")
     parser.add_argument("--k", type=int, default=None, help="top-k voting queries (<= 0: all)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of dense,reference,fast")
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "openvino"],
+        default="torch",
+        help="run the PyTorch decoder, or exported ONNX graphs in ONNX Runtime / OpenVINO",
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma list (torch: dense,reference,fast; exported graphs: dense,tggbc)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -389,20 +398,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
         raise ValueError(f"--json {args.json} exists and is not a file")
     name, preset = resolve_setting(args)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    results = run_benchmark(
-        preset,
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    common = dict(
         queries=args.queries,
         batch=args.batch,
-        device=args.device,
         dtype=args.dtype,
         warmup=args.warmup,
         runs=args.runs,
-        methods=methods,
         seed=args.seed,
         progress=not args.no_progress,
     )
+    if args.backend == "torch":
+        results = run_benchmark(preset, device=args.device, methods=methods or METHODS, **common)
+    else:
+        # Exported graphs: only imported when asked for (onnx / onnxruntime / openvino are extras).
+        from .export.bench import run_backend_benchmark
+
+        results = run_backend_benchmark(preset, backend=args.backend, methods=methods, **common)
     env = {
+        "backend": args.backend,
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
