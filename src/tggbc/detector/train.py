@@ -1,0 +1,229 @@
+"""`tggbc train`: train the small PETR detector on generated scenes.
+
+Checkpoints (model, optimiser, schedule position, random state) are written atomically every
+`--ckpt-every` iterations and at the end; `--resume` continues from the last one. A loss log
+(CSV) sits beside them. `--minutes` bounds the wall time: training stops cleanly, checkpoint
+written, when it runs out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .loss import LossConfig, detection_loss, encode_boxes
+from .model import DetectorConfig, PETRDetector
+
+# Boxes the decoder can represent: its centres are decoded into this range.
+_XY_LIMIT = 51.2
+
+
+class FrameSet:
+    """All frames of a split held in memory: images [F, 6, 3, H, W] uint8 plus targets."""
+
+    def __init__(self, dataroot: str | Path, split: str, progress: bool = True):
+        from ..data.frames import list_frames
+
+        frames = list_frames(dataroot, split)
+        if not frames:
+            raise ValueError(f"{dataroot} has no {split} frames")
+        iterator = frames
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(frames, desc=f"loading {split} images", unit="frame", leave=False)
+        images = []
+        for frame in iterator:
+            images.append(torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).contiguous())
+            frame.images = None  # keep one copy only
+        self.frames = frames
+        self.images = torch.stack(images)  # (F, 6, 3, H, W)
+        self.lidar2img = torch.stack([torch.from_numpy(f.lidar2img) for f in frames])  # (F, 6, 4, 4)
+        self.labels, self.targets = [], []
+        for f in frames:
+            boxes = torch.from_numpy(f.gt_boxes)
+            keep = torch.from_numpy(f.gt_valid) & (boxes[:, :2].abs() < _XY_LIMIT).all(1)
+            boxes = boxes[keep]
+            self.labels.append(torch.from_numpy(f.gt_labels)[keep])
+            self.targets.append(encode_boxes(boxes[:, 0:3], boxes[:, 3:6], boxes[:, 6], boxes[:, 7:9]))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.images.shape[-1], self.images.shape[-2]
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def learning_rate(iteration: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of base."""
+    if iteration < warmup:
+        return base * (iteration + 1) / warmup
+    progress = min((iteration - warmup) / max(total - warmup, 1), 1.0)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    iterations: int = 6000,
+    batch: int = 2,
+    lr: float = 4e-4,
+    weight_decay: float = 0.01,
+    warmup: int = 300,
+    minutes: float | None = None,
+    ckpt_every: int = 250,
+    resume: bool = False,
+    seed: int = 0,
+    num_queries: int = 300,
+    progress: bool = True,
+) -> Path:
+    """Train; returns the checkpoint path. See the module docstring."""
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty: pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    trainset = FrameSet(data, "train", progress=progress)
+    width, height = trainset.image_size
+    config = DetectorConfig(image_width=width, image_height=height, num_queries=num_queries)
+
+    torch.manual_seed(seed)
+    model = PETRDetector(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start, generator = 0, torch.Generator().manual_seed(seed)
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if DetectorConfig.from_dict(state["config"]) != config:
+            raise ValueError(f"{checkpoint_path} was trained with another config: {state['config']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+        generator.set_state(state["generator"])
+        print(f"resumed from {checkpoint_path} at iteration {start}")
+    loss_cfg = LossConfig()
+    log_path = out / "loss.csv"
+    if not log_path.exists():
+        log_path.write_text("iteration,seconds,loss,cls,box,lr\n")
+
+    def save(iteration: int) -> None:
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iteration": iteration,
+                "generator": generator.get_state(),
+                "config": config.to_dict(),
+            },
+            checkpoint_path,
+        )
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iterations, initial=start, desc="train", unit="it")
+    began = time.time()
+    model.train()
+    iteration = start
+    with open(log_path, "a") as log:
+        while iteration < iterations:
+            if minutes is not None and time.time() - began > minutes * 60:
+                print(f"time budget of {minutes} min reached at iteration {iteration}")
+                break
+            index = torch.randint(len(trainset), (batch,), generator=generator)
+            images, lidar2img = trainset.images[index], trainset.lidar2img[index]
+            labels = [trainset.labels[i] for i in index.tolist()]
+            targets = [trainset.targets[i] for i in index.tolist()]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(iteration, iterations, lr, warmup)
+            output = model(images, lidar2img)
+            loss, parts = detection_loss(output.cls_scores, output.bbox_preds, labels, targets, loss_cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at iteration {iteration}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
+            optimizer.step()
+            iteration += 1
+            log.write(
+                f"{iteration},{time.time() - began:.1f},{float(loss):.4f},{parts['cls']:.4f},{parts['box']:.4f},"
+                f"{optimizer.param_groups[0]['lr']:.3e}\n"
+            )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
+            if iteration % ckpt_every == 0:
+                log.flush()
+                save(iteration)
+    if bar is not None:
+        bar.close()
+    save(iteration)
+    return checkpoint_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth`")
+    parser.add_argument("--out", required=True, help="directory for checkpoint.pt and loss.csv")
+    parser.add_argument("--iterations", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--warmup", type=int, default=300, help="warm-up iterations")
+    parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this wall time")
+    parser.add_argument("--ckpt-every", type=int, default=250)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", default=None, help="also write the final model here (safetensors, float16)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --weights file")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.weights and os.path.exists(args.weights) and not args.force:
+        raise FileExistsError(f"{args.weights} exists: pass --force to replace it")
+    path = train(
+        args.data,
+        args.out,
+        iterations=args.iterations,
+        batch=args.batch,
+        lr=args.lr,
+        warmup=args.warmup,
+        minutes=args.minutes,
+        ckpt_every=args.ckpt_every,
+        resume=args.resume,
+        seed=args.seed,
+        num_queries=args.queries,
+        progress=not args.quiet,
+    )
+    print(f"checkpoint: {path}")
+    if args.weights:
+        from .weights import save_detector
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = PETRDetector(DetectorConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+        save_detector(model, args.weights, extra={"iteration": state["iteration"]})
+        print(f"weights: {args.weights}")
+    return 0
