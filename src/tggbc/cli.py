@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("tggbc.data.cli", "generate synthetic six-camera driving scenes in nuScenes format"),
     "train": ("tggbc.detector.train", "train the small PETR-style detector on generated scenes"),
     "eval": ("tggbc.detector.evaluate", "nuScenes mAP/NDS of a detector, dense and with tgGBC"),
-    "export": ("tggbc.export", "export a tgGBC-pruned decoder to ONNX"),
+    "export": ("tggbc.export.cli", "export a tgGBC-pruned decoder to ONNX"),
     "demo": ("tggbc.demo", "the main job: accuracy and speed of tgGBC, with plots"),
 }
 

@@ -128,5 +128,5 @@ def detection_loss(
         box_loss = cfg.box_weight * box_loss / num_targets
         total = total + cls_loss + box_loss
         if layer == num_layers - 1:
-            log = {"cls": float(cls_loss), "box": float(box_loss)}
+            log = {"cls": float(cls_loss.detach()), "box": float(box_loss.detach())}
     return total, log

@@ -94,9 +94,13 @@ def train(
     resume: bool = False,
     seed: int = 0,
     num_queries: int = 300,
+    config: dict | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train; returns the checkpoint path. See the module docstring."""
+    """Train; returns the checkpoint path. See the module docstring.
+
+    The image size comes from the data; `config` may set other DetectorConfig fields.
+    """
     out = Path(out)
     checkpoint_path = out / "checkpoint.pt"
     if out.exists() and any(out.iterdir()) and not resume:
@@ -104,7 +108,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     trainset = FrameSet(data, "train", progress=progress)
     width, height = trainset.image_size
-    config = DetectorConfig(image_width=width, image_height=height, num_queries=num_queries)
+    config = DetectorConfig(
+        **{"num_queries": num_queries, **(config or {}), "image_width": width, "image_height": height}
+    )
 
     torch.manual_seed(seed)
     model = PETRDetector(config)

@@ -34,6 +34,7 @@ def save_detector(model: PETRDetector, path: str | Path, dtype: torch.dtype = to
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

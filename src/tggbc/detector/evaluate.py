@@ -1,0 +1,277 @@
+"""`tggbc eval`: nuScenes detection metrics of the detector, dense and with tgGBC, side by side.
+
+For every frame of the validation split the backbone and position embedding run once; the
+decoder then runs once per setting (dense and each tgGBC setting) on the same keys, timed on
+its own. Predictions are written in the official nuScenes detection submission format and
+scored by nuscenes-devkit's own `DetectionEval` with the standard `detection_cvpr_2019` config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.classes import DETECTION_CLASSES
+from ..pruner import KeyPruner
+from .model import Detections, PETRDetector
+
+# Default tgGBC attributes per class, by speed (the convention of the PETR-family heads).
+_MOVING = {
+    "car": ("vehicle.moving", "vehicle.parked"),
+    "truck": ("vehicle.moving", "vehicle.parked"),
+    "bus": ("vehicle.moving", "vehicle.parked"),
+    "trailer": ("vehicle.moving", "vehicle.parked"),
+    "construction_vehicle": ("vehicle.moving", "vehicle.parked"),
+    "pedestrian": ("pedestrian.moving", "pedestrian.standing"),
+    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
+    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
+}
+
+
+@dataclass
+class Setting:
+    """One decoder configuration to evaluate; r None = dense."""
+
+    name: str
+    r: int | float | list[int] | None = None
+    n: int = 1
+    k: int = -1
+
+    def pruner(self) -> KeyPruner | None:
+        return None if self.r is None else KeyPruner(r=self.r, n=self.n, k=self.k)
+
+
+@dataclass
+class SettingResult:
+    name: str
+    r: int | float | list[int] | None
+    n: int
+    k: int
+    mAP: float
+    NDS: float
+    mATE: float
+    mASE: float
+    mAOE: float
+    mAVE: float
+    mAAE: float
+    decoder_ms: float  # median over frames, batch 1
+    keys_per_layer: list[int]
+    class_ap: dict[str, float] = field(default_factory=dict)
+
+
+def default_k(num_queries: int) -> int:
+    """k scaled to the query count as StreamPETR's 175 of 900."""
+    return max(1, round(175 * num_queries / 900))
+
+
+def attribute_name(label: str, speed: float) -> str:
+    if label not in _MOVING:
+        return ""
+    moving, still = _MOVING[label]
+    return moving if speed > 0.2 else still
+
+
+def to_submission_boxes(det: Detections, frame) -> list[dict]:
+    """Detections in the lidar frame -> nuScenes submission boxes in the global frame."""
+    from pyquaternion import Quaternion
+
+    lidar2global = frame.ego2global @ frame.lidar2ego.astype(np.float64)
+    rotation, translation = lidar2global[:3, :3], lidar2global[:3, 3]
+    center = det.center.double().numpy() @ rotation.T + translation
+    velocity = np.pad(det.velocity.double().numpy(), ((0, 0), (0, 1))) @ rotation.T
+    boxes = []
+    for i in range(len(det.score)):
+        yaw = float(det.yaw[i])
+        box_rotation = rotation @ np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+        quaternion = Quaternion(matrix=box_rotation, rtol=1e-5, atol=1e-6)
+        label = DETECTION_CLASSES[int(det.label[i])]
+        boxes.append(
+            {
+                "sample_token": frame.sample_token,
+                "translation": center[i].tolist(),
+                "size": det.size[i].double().tolist(),
+                "rotation": list(quaternion.elements),
+                "velocity": velocity[i, :2].tolist(),
+                "detection_name": label,
+                "detection_score": float(det.score[i]),
+                "attribute_name": attribute_name(label, float(np.linalg.norm(velocity[i, :2]))),
+            }
+        )
+    return boxes
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    from ..bench import write_json_atomic as write
+
+    write(str(path), payload)
+
+
+def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None) -> tuple[dict, object]:
+    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019, val split)."""
+    try:
+        from nuscenes import NuScenes
+        from nuscenes.eval.common.config import config_factory
+        from nuscenes.eval.detection.evaluate import DetectionEval
+    except ImportError as e:
+        raise ImportError("tggbc eval needs nuscenes-devkit: pip install 'tggbc[eval]'") from e
+    from ..data.splits import read_meta
+
+    if nusc is None:
+        nusc = NuScenes(version=read_meta(dataroot)["version"], dataroot=str(dataroot), verbose=False)
+    evaluator = DetectionEval(
+        nusc,
+        config_factory("detection_cvpr_2019"),
+        str(submission),
+        eval_set="val",
+        output_dir=str(Path(submission).parent),
+        verbose=False,
+    )
+    metrics, _ = evaluator.evaluate()
+    return metrics.serialize(), nusc
+
+
+def evaluate(
+    model: PETRDetector,
+    dataroot: str | Path,
+    settings: list[Setting],
+    out_dir: str | Path,
+    *,
+    max_frames: int | None = None,
+    progress: bool = True,
+) -> list[SettingResult]:
+    """Run every setting over the validation frames and score it; see the module docstring."""
+    from ..data.frames import list_frames
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = list_frames(dataroot, "val")
+    if not frames:
+        raise ValueError(f"{dataroot} has no val frames")
+    if max_frames is not None:
+        frames = frames[:max_frames]
+    submissions = {s.name: {} for s in settings}
+    times = {s.name: [] for s in settings}
+    keys_seen = {}
+    pruners = {s.name: s.pruner() for s in settings}
+    iterator = frames
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(frames, desc=f"eval {len(settings)} settings", unit="frame")
+    model.eval()
+    for frame in iterator:
+        images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)  # (1, 6, 3, H, W)
+        frame.images = None
+        lidar2img = torch.from_numpy(frame.lidar2img).unsqueeze(0)
+        with torch.inference_mode():
+            keys = model.keys(images, lidar2img)
+            for s in settings:
+                model.decoder.pruner = pruners[s.name]
+                start = time.perf_counter()
+                out = model.decoder(keys.memory, keys.key_pos, keys.key_padding_mask)
+                times[s.name].append((time.perf_counter() - start) * 1e3)
+                keys_seen[s.name] = out.keys_per_layer
+                (det,) = model.detections(out.cls_scores[-1], out.bbox_preds[-1])
+                submissions[s.name][frame.sample_token] = to_submission_boxes(det, frame)
+    model.decoder.pruner = None
+
+    meta = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
+    results, nusc = [], None
+    for s in settings:
+        path = out_dir / f"results_{s.name}.json"
+        write_json_atomic(path, {"meta": meta, "results": submissions[s.name]})
+        if max_frames is not None:
+            # The devkit scores whole splits only: on a subset, only latency and keys are meaningful.
+            summary = None
+        else:
+            summary, nusc = nuscenes_metrics(dataroot, path, nusc)
+        tp = summary["tp_errors"] if summary else {}
+        results.append(
+            SettingResult(
+                name=s.name,
+                r=s.r,
+                n=s.n,
+                k=s.k,
+                mAP=summary["mean_ap"] if summary else float("nan"),
+                NDS=summary["nd_score"] if summary else float("nan"),
+                mATE=tp.get("trans_err", float("nan")),
+                mASE=tp.get("scale_err", float("nan")),
+                mAOE=tp.get("orient_err", float("nan")),
+                mAVE=tp.get("vel_err", float("nan")),
+                mAAE=tp.get("attr_err", float("nan")),
+                decoder_ms=statistics.median(times[s.name]),
+                keys_per_layer=keys_seen[s.name],
+                class_ap=summary["mean_dist_aps"] if summary else {},
+            )
+        )
+    return results
+
+
+def format_results(results: list[SettingResult]) -> str:
+    dense = next((r for r in results if r.r is None), None)
+    lines = [
+        f"{'setting':<16} {'mAP':>6} {'NDS':>6} {'mATE':>6} {'mASE':>6} {'mAOE':>6} {'mAVE':>6} {'mAAE':>6} "
+        f"{'dec ms':>7} {'x dense':>7}  keys per layer"
+    ]
+    for r in results:
+        speedup = dense.decoder_ms / r.decoder_ms if dense else float("nan")
+        lines.append(
+            f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {r.mATE:>6.3f} {r.mASE:>6.3f} {r.mAOE:>6.3f} {r.mAVE:>6.3f} "
+            f"{r.mAAE:>6.3f} {r.decoder_ms:>7.1f} {speedup:>6.2f}x  {','.join(map(str, r.keys_per_layer))}"
+        )
+    return "\n".join(lines)
+
+
+def standard_settings(num_queries: int, fractions=(0.5, 0.75, 0.875, 0.95), n: int = 1, k: int | None = None):
+    """Dense plus one tgGBC setting per pruned fraction (after layer 1 by default)."""
+    k = default_k(num_queries) if k is None else k
+    return [Setting("dense")] + [Setting(f"tggbc-{f:g}", r=f, n=n, k=k) for f in fractions]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import parse_r
+
+    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth` (its val split)")
+    parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
+    parser.add_argument("--r", type=parse_r, default=None, help="one tgGBC setting instead of the standard sweep")
+    parser.add_argument("--n", type=int, default=1, help="layers that prune (default 1)")
+    parser.add_argument("--k", type=int, default=None, help="voting queries (default: 175/900 of the queries)")
+    parser.add_argument("--fractions", default="0.5,0.75,0.875,0.95", help="pruned fractions of the sweep")
+    parser.add_argument("--out", default="out/eval", help="directory for submissions and results.json")
+    parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .weights import load_detector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_detector(args.weights)
+    k = default_k(model.config.num_queries) if args.k is None else args.k
+    if args.r is not None:
+        settings = [Setting("dense"), Setting("tggbc", r=args.r, n=args.n, k=k)]
+    else:
+        fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
+        settings = standard_settings(model.config.num_queries, fractions, n=args.n, k=k)
+    for s in settings:  # fail on an impossible setting before the long loop
+        if s.r is not None:
+            s.pruner().reset(model.config.num_keys, model.config.num_layers)
+    results = evaluate(model, args.data, settings, args.out, max_frames=args.max_frames, progress=not args.quiet)
+    print(format_results(results))
+    payload = {
+        "weights": str(args.weights),
+        "data": str(args.data),
+        "threads": torch.get_num_threads(),
+        "results": [asdict(r) for r in results],
+    }
+    write_json_atomic(Path(args.out) / "results.json", payload)
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0

@@ -1,0 +1,143 @@
+"""The small detector end to end on a tiny generated dataset: train, save, load, evaluate."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("nuscenes", reason="detector evaluation needs nuscenes-devkit (tggbc[eval])")
+pytest.importorskip("safetensors", reason="detector weights need safetensors (tggbc[eval])")
+
+from tggbc.detector.evaluate import Setting, evaluate, format_results  # noqa: E402
+from tggbc.detector.loss import LossConfig, decode_boxes, detection_loss, encode_boxes, hungarian_match  # noqa: E402
+from tggbc.detector.model import DetectorConfig, PETRDetector  # noqa: E402
+from tggbc.detector.train import train  # noqa: E402
+from tggbc.detector.weights import load_detector, save_detector  # noqa: E402
+
+TINY = dict(
+    image_width=176,
+    image_height=64,
+    num_queries=24,
+    embed_dims=32,
+    num_heads=4,
+    ffn_dims=64,
+    num_layers=2,
+    backbone_channels=(8, 16, 16, 32),
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tggbc.data import generate
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    generate(root, num_scenes=2, seed=3, image_size=(176, 64), frames_per_scene=2, val_fraction=0.5, progress=False)
+    return root
+
+
+def test_box_code_round_trip():
+    center, size = torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[1.9, 4.5, 1.6]])
+    yaw, velocity = torch.tensor([2.5]), torch.tensor([[3.0, -1.0]])
+    c, s, y, v = decode_boxes(encode_boxes(center, size, yaw, velocity))
+    torch.testing.assert_close((c, s, y, v), (center, size, yaw, velocity))
+
+
+def test_hungarian_match_prefers_the_right_query():
+    # Query 1 sits on the target and predicts its class; query 0 is far and predicts another class.
+    target = encode_boxes(torch.tensor([[10.0, 0.0, 0.0]]), torch.ones(1, 3), torch.zeros(1), torch.zeros(1, 2))
+    boxes = torch.cat([target + 20.0, target])
+    logits = torch.tensor([[3.0, -3.0], [-3.0, 3.0]])
+    q, t = hungarian_match(logits, boxes, torch.tensor([1]), target, LossConfig())
+    assert q.tolist() == [1] and t.tolist() == [0]
+
+
+def test_loss_is_lower_for_the_right_prediction():
+    target = encode_boxes(torch.tensor([[5.0, 5.0, 0.0]]), torch.ones(1, 3), torch.zeros(1), torch.zeros(1, 2))
+    good_cls = torch.tensor([[[[-5.0, 5.0], [-5.0, -5.0]]]])
+    bad_cls = torch.tensor([[[[5.0, -5.0], [-5.0, -5.0]]]])
+    boxes = torch.cat([target, target + 3.0]).view(1, 1, 2, 10)
+    good, _ = detection_loss(good_cls, boxes, [torch.tensor([1])], [target])
+    bad, _ = detection_loss(bad_cls, boxes + 1.0, [torch.tensor([1])], [target])
+    assert float(good) < float(bad)
+
+
+def test_train_resume_save_load_evaluate(dataset, tmp_path):
+    run = tmp_path / "run"
+    tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
+    ckpt = train(dataset, run, iterations=2, batch=1, warmup=1, ckpt_every=1, config=tiny, progress=False)
+    assert torch.load(ckpt, weights_only=False)["iteration"] == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(dataset, run, iterations=3, batch=1, config=tiny, progress=False)
+    train(dataset, run, iterations=3, batch=1, warmup=1, resume=True, config=tiny, progress=False)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["iteration"] == 3
+    lines = (run / "loss.csv").read_text().splitlines()
+    assert lines[0].startswith("iteration") and len(lines) == 4
+
+    model = PETRDetector(DetectorConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    weights = tmp_path / "model.safetensors"
+    save_detector(model, weights)
+    loaded = load_detector(weights)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], t.half().float() if t.is_floating_point() else t)
+
+    settings = [Setting("dense"), Setting("tggbc", r=0.5, n=1, k=4)]
+    results = evaluate(loaded, dataset, settings, tmp_path / "eval", progress=False)
+    assert [r.name for r in results] == ["dense", "tggbc"]
+    num_keys = loaded.config.num_keys
+    assert results[0].keys_per_layer == [num_keys, num_keys]
+    assert results[1].keys_per_layer == [num_keys, num_keys // 2]
+    for r in results:
+        assert 0.0 <= r.mAP <= 1.0 and 0.0 <= r.NDS <= 1.0
+    assert "tggbc" in format_results(results)
+    # The submission loads with the devkit's own loader and covers every val sample.
+    from nuscenes.eval.common.loaders import load_prediction
+    from nuscenes.eval.detection.data_classes import DetectionBox
+
+    from tggbc.data import list_frames
+
+    boxes, meta = load_prediction(str(tmp_path / "eval" / "results_tggbc.json"), 500, DetectionBox)
+    assert meta["use_camera"] is True
+    assert set(boxes.sample_tokens) == {f.sample_token for f in list_frames(dataset, "val")}
+
+
+def test_weights_refused_when_damaged_or_mismatched(tmp_path):
+    model = PETRDetector(DetectorConfig(**TINY))
+    path = tmp_path / "w.safetensors"
+    save_detector(model, path)
+    # Mismatched: the header describes another config than the tensors hold.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    other = dict(TINY, num_queries=30)
+    save_file(
+        tensors,
+        str(tmp_path / "mismatch.safetensors"),
+        metadata={"format": "tggbc-petr-detector/1", "config": json.dumps(DetectorConfig(**other).to_dict())},
+    )
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_detector(tmp_path / "mismatch.safetensors")
+    # Damaged: truncated file.
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged|not a readable"):
+        load_detector(tmp_path / "cut.safetensors")
+    # Not ours at all.
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "alien.safetensors"))
+    with pytest.raises(ValueError, match="not a tggbc detector"):
+        load_detector(tmp_path / "alien.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_detector(tmp_path / "missing.safetensors")
+    # NaN weights.
+    tensors["decoder.final_norm.weight"][0] = float("nan")
+    meta = {"format": "tggbc-petr-detector/1", "config": json.dumps(DetectorConfig(**TINY).to_dict())}
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="NaN"):
+        load_detector(tmp_path / "nan.safetensors")
+
+
+def test_detector_rejects_wrong_image_size():
+    model = PETRDetector(DetectorConfig(**TINY))
+    with pytest.raises(ValueError, match="176x64"):
+        model(torch.zeros(1, 6, 3, 64, 100, dtype=torch.uint8), torch.eye(4).expand(1, 6, 4, 4))
