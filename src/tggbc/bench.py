@@ -345,6 +345,7 @@ def write_json_atomic(path: str, payload: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -411,6 +412,8 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         results = run_benchmark(preset, device=args.device, methods=methods or METHODS, **common)
     else:
+        if args.device != "cpu":
+            raise ValueError(f"--backend {args.backend} runs on the CPU here; got --device {args.device}")
         # Exported graphs: only imported when asked for (onnx / onnxruntime / openvino are extras).
         from .export.bench import run_backend_benchmark
 

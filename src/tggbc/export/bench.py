@@ -1,0 +1,283 @@
+"""`tggbc bench --backend onnxruntime|openvino`: exported dense vs tgGBC graphs, side by side.
+
+One decoder with one set of weights is exported twice (method "dense": r = 0; method "tggbc":
+the preset's r, n, k with tgGBC inside the graph) and both graphs run in the chosen runtime on
+the same inputs. As in the PyTorch benchmark (`tggbc.bench`) the timed runs are interleaved and
+rotated so that drift in machine load hits both alike, and each method reports median / min / max
+after warm-up, the ratio of medians against dense, peak memory of one run (a separate process),
+keys per layer and FLOPs. FLOPs are counted on the eager decoder with the same setting (the
+graphs run the same products). tgGBC's own time (importance, selection, gathers) comes from one
+profiled run: the share of node time spent in the nodes the exporter tagged as `KeySelection`,
+times the median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..bench import MethodResult, Preset, _progress, count_flops
+from ..models import build_decoder, example_inputs
+from ..pruner import KeyPruner
+from .onnx import DTYPES, EXPORT_EXTRA, export_onnx, graph_feeds, onnxruntime_session, prune_node_names, require
+
+__all__ = ["BACKENDS", "GRAPH_METHODS", "run_backend_benchmark"]
+
+BACKENDS = ("onnxruntime", "openvino")
+GRAPH_METHODS = ("dense", "tggbc")
+OPENVINO_FIX = "pip install openvino (or 'tggbc[openvino]')"
+
+
+def _require_backend(backend: str):
+    if backend == "onnxruntime":
+        return require("onnxruntime", purpose="--backend onnxruntime")
+    if backend == "openvino":
+        return require("openvino", purpose="--backend openvino", fix=OPENVINO_FIX)
+    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+
+def _openvino_config(threads: int, dtype: str, profile: bool = False) -> dict:
+    """Compile options: latency mode, the thread count, and an inference precision if one is asked for."""
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if dtype != "float32":
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        needed = {"float16": "FP16", "bfloat16": "BF16"}[dtype]
+        if needed not in capabilities:
+            raise ValueError(
+                f"OpenVINO's CPU plugin has no {dtype} compute on this CPU (it offers {', '.join(capabilities)}); "
+                "use --dtype float32, or --backend onnxruntime --dtype float16"
+            )
+        config["INFERENCE_PRECISION_HINT"] = {"float16": "f16", "bfloat16": "bf16"}[dtype]
+    if profile:
+        config["PERF_COUNT"] = True
+    return config
+
+
+def _load(backend: str, path: str, threads: int, dtype: str, profile_prefix: str | None = None):
+    """A callable that runs the graph at `path` on a feed dict, and the backend's handle."""
+    if backend == "onnxruntime":
+        session = onnxruntime_session(path, threads, profile_prefix=profile_prefix)
+        return (lambda feeds: session.run(None, feeds)), session
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(path), "CPU", _openvino_config(threads, dtype, profile_prefix is not None)
+    )
+    request = compiled.create_infer_request()
+    return (lambda feeds: request.infer(feeds)), request
+
+
+def _prune_share(backend: str, path: str, feeds: dict, threads: int, dtype: str, workdir: str) -> float:
+    """Share of node time spent in tgGBC's own nodes, from one profiled run after a warm-up run."""
+    import onnx
+
+    names = prune_node_names(onnx.load(path, load_external_data=False))
+    if not names:
+        return 0.0
+
+    def is_prune(node_name: str) -> bool:
+        # Runtimes keep the ONNX node names; ONNX Runtime names a fused node "<first node>/<fusion>/".
+        return node_name in names or node_name.split("/", 1)[0] in names
+
+    if backend == "onnxruntime":
+        run, session = _load(backend, path, threads, dtype, profile_prefix=os.path.join(workdir, "profile"))
+        run(feeds)
+        run(feeds)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        runs = [e for e in events if e.get("name") == "model_run"]
+        start = runs[-1]["ts"] if runs else 0
+        total = prune = 0.0
+        for e in events:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
+                continue
+            node = e["name"][: -len("_kernel_time")]
+            total += e["dur"]
+            if is_prune(node):
+                prune += e["dur"]
+        return prune / total if total else float("nan")
+    run, request = _load(backend, path, threads, dtype, profile_prefix="openvino")
+    run(feeds)
+    run(feeds)
+    total = prune = 0.0
+    for info in request.profiling_info:
+        seconds = info.real_time.total_seconds()
+        total += seconds
+        if is_prune(info.node_name):
+            prune += seconds
+    return prune / total if total else float("nan")
+
+
+def _memory_child() -> None:
+    """Entry point of the memory-measuring subprocess: JSON setting on stdin, peak MB per graph out.
+
+    Loads each graph, then reads the resident-set high-water mark of its first run above what
+    was resident before it (activations and workspace, not weights). glibc is told to hand freed
+    memory straight back (a small fixed mmap threshold), as in the PyTorch benchmark.
+    """
+    import ctypes
+
+    import numpy as np
+
+    from ..bench import _cpu_peak_mb
+
+    cfg = json.load(sys.stdin)
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB, fixed
+    with np.load(cfg["inputs"]) as data:
+        feeds = {name: data[name] for name in data.files}
+    peaks = {}
+    for method, path in cfg["graphs"].items():
+        run, _ = _load(cfg["backend"], path, cfg["threads"], cfg["dtype"])
+        peaks[method] = _cpu_peak_mb(lambda run=run: run(feeds))
+        del run
+    json.dump(peaks, sys.stdout)
+
+
+def _peak_memory_mb(backend: str, graphs: dict[str, str], feeds: dict, threads: int, dtype: str, workdir: str):
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {m: float("nan") for m in graphs}  # not Linux: no way to read a peak
+    import numpy as np
+
+    inputs = os.path.join(workdir, "inputs.npz")
+    np.savez(inputs, **feeds)
+    payload = json.dumps({"backend": backend, "graphs": graphs, "inputs": inputs, "threads": threads, "dtype": dtype})
+    code = "from tggbc.export.bench import _memory_child; _memory_child()"
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def run_backend_benchmark(
+    preset: Preset,
+    *,
+    backend: str = "onnxruntime",
+    methods: tuple[str, ...] | None = None,
+    queries: int | None = None,
+    batch: int = 1,
+    dtype: str = "float32",
+    warmup: int = 2,
+    runs: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+    workdir: str | None = None,
+) -> list[MethodResult]:
+    """Time exported dense and tgGBC graphs of one decoder in ONNX Runtime or OpenVINO (CPU).
+
+    Args:
+        preset: host decoder kind, keys and tgGBC setting (`tggbc.bench.PRESETS`).
+        backend: "onnxruntime" or "openvino".
+        methods: subset of ("dense", "tggbc"), in the order to report.
+        queries: learnable queries (default: the host's).
+        batch: B.
+        dtype: "float32"; "float16" exports float16 graphs for ONNX Runtime, and asks OpenVINO for
+            float16 inference precision where this CPU has it.
+        warmup, runs: untimed and timed rounds (each round runs every method once).
+        seed: weights and inputs.
+        threads: runtime intra-op threads (default: torch's thread count).
+        workdir: where the graphs are written (a temporary directory, removed afterwards).
+    Returns:
+        one MethodResult per method (field meanings as in `tggbc.bench`).
+    """
+    methods = tuple(methods) if methods else GRAPH_METHODS
+    unknown = [m for m in methods if m not in GRAPH_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} for exported graphs; known: {', '.join(GRAPH_METHODS)}")
+    if warmup < 0 or runs < 1 or batch < 1:
+        raise ValueError(f"need warmup >= 0, runs >= 1, batch >= 1; got {warmup}, {runs}, {batch}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    _require_backend(backend)
+    onnx = require("onnx", purpose=f"--backend {backend}", fix=EXPORT_EXTRA)
+    threads = threads or torch.get_num_threads()
+    if backend == "openvino":
+        _openvino_config(threads, dtype)  # no float16 / bfloat16 on this CPU: say so before exporting
+        graph_dtype = "float32"  # OpenVINO picks its own inference precision from the hint
+    else:
+        graph_dtype = dtype
+
+    torch.manual_seed(seed)
+    kwargs = {} if queries is None else {"num_queries": queries}
+    decoder = build_decoder(preset.kind, **kwargs).eval().requires_grad_(False)
+    num_layers = len(decoder.layers)
+    KeyPruner(r=preset.r, n=preset.n, k=preset.k).reset(preset.keys, num_layers)  # r >= keys etc. fail here
+    settings = {"dense": dict(r=0), "tggbc": dict(r=preset.r, n=preset.n, k=preset.k)}
+    inputs = example_inputs(decoder, num_keys=preset.keys, batch=batch, seed=seed)
+
+    bar = _progress(
+        len(methods) + (warmup + runs) * len(methods), f"bench {backend} {preset.kind} {preset.keys} keys", progress
+    )
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="tggbc-bench-") as tmp:
+        graphs, keys_per_layer = {}, {}
+        for m in methods:
+            path = os.path.join(tmp, f"{m}.onnx")
+            result = export_onnx(decoder, path, num_keys=preset.keys, batch=batch, dtype=graph_dtype, **settings[m])
+            graphs[m], keys_per_layer[m] = path, result.keys_per_layer
+            bar.update(1)
+        feeds = graph_feeds(onnx.load(graphs[methods[0]], load_external_data=False), decoder, inputs)
+
+        def eager(m: str) -> Callable[[], object]:
+            pruner = KeyPruner(**settings[m]) if m == "tggbc" else None
+
+            def forward():
+                decoder.pruner, decoder.attention = pruner, "fast"
+                with torch.inference_mode():
+                    return decoder(**inputs)
+
+            return forward
+
+        flops = {m: count_flops(eager(m)) for m in methods}
+        decoder.pruner = None
+        peak = _peak_memory_mb(backend, graphs, feeds, threads, dtype, tmp)
+        share = {
+            m: (_prune_share(backend, graphs[m], feeds, threads, dtype, tmp) if m == "tggbc" else 0.0) for m in methods
+        }
+        runners = {m: _load(backend, graphs[m], threads, dtype)[0] for m in methods}
+
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for i in range(warmup + runs):
+            order = methods[i % len(methods) :] + methods[: i % len(methods)]
+            for m in order:
+                start = time.perf_counter()
+                runners[m](feeds)
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[m].append(elapsed * 1e3)
+                bar.update(1)
+        bar.close()
+        del runners
+
+    dense_median = statistics.median(times["dense"]) if "dense" in times else float("nan")
+    dense_flops = flops.get("dense", float("nan"))
+    results = []
+    for m in methods:
+        med = statistics.median(times[m])
+        results.append(
+            MethodResult(
+                method=m,
+                median_ms=med,
+                min_ms=min(times[m]),
+                max_ms=max(times[m]),
+                speedup=dense_median / med,
+                prune_ms=share[m] * med,
+                prune_share=share[m],
+                peak_mb=peak[m],
+                gflops=flops[m] / 1e9,
+                flop_ratio=dense_flops / flops[m],
+                keys_per_layer=keys_per_layer[m],
+                times_ms=times[m],
+            )
+        )
+    return results

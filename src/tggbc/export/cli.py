@@ -1,0 +1,159 @@
+"""`tggbc export`: a host decoder (or a trained detector's decoder) with tgGBC inside, to ONNX.
+
+    tggbc export --preset streampetr-v2-99-1600x640 --out streampetr.onnx
+    tggbc export --kind petr --keys 16896 --r 12000 --n 3 --k 175 --out petr.onnx --padded
+    tggbc export --weights detector.safetensors --out detector.onnx --r 0.75
+
+After writing the file it is checked with onnx.checker and, unless --no-compare, run in ONNX
+Runtime on random inputs next to the eager PyTorch decoder; the largest output difference is
+printed (float32 graphs must stay within 1e-4). Preset decoders have random weights: they are
+for latency and deployment trials; --weights exports trained ones.
+
+Imports only argparse and torch at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+FP32_TOLERANCE = 1e-4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..bench import PRESETS
+    from ..cli import parse_r
+
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument(
+        "--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default streampetr-v2-99-1600x640)"
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="a small-detector weights file from `tggbc train`: export its trained decoder (keys from its config)",
+    )
+    parser.add_argument("--kind", choices=["petr", "streampetr", "focalpetr"], default=None, help="host decoder")
+    parser.add_argument("--keys", type=int, default=None, help="image keys per sample (overrides the preset)")
+    parser.add_argument("--queries", type=int, default=None, help="learnable queries (default: the host's)")
+    parser.add_argument("--r", type=parse_r, default=None, help="keys to drop: count, fraction or per-layer list")
+    parser.add_argument("--n", type=int, default=None, help="layers that prune")
+    parser.add_argument("--k", type=int, default=None, help="top-k voting queries (<= 0: all)")
+    parser.add_argument("--dense", action="store_true", help="export without tgGBC (r = 0)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size the graph is built for")
+    parser.add_argument("--padded", action="store_true", help="add a key_padding_mask input")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    parser.add_argument("--all-layers", action="store_true", help="output every layer's predictions")
+    parser.add_argument("--kept-keys", action="store_true", help="also output the kept key indices")
+    parser.add_argument(
+        "--optimize",
+        choices=["light", "full", "none"],
+        default="light",
+        help="graph clean-up: constant folding and dead nodes (light), plus onnxscript's rewrites (full), or none",
+    )
+    parser.add_argument("--no-compare", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
+    parser.add_argument("--seed", type=int, default=0, help="random weights (presets) and check inputs")
+    parser.add_argument("--verbose", action="store_true", help="show the exporter's messages")
+
+
+def load_detector_decoder(path: str):
+    """The decoder of a trained small detector and its keys per frame.
+
+    Reads a weights file written by `tggbc train` (`tggbc.detector.weights.load_detector`).
+
+    Returns:
+        (PETRDecoder, keys per frame, the detector's query count).
+    """
+    from ..models.decoder import PETRFamilyDecoder
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--weights {path}: no such file (pass a weights file written by `tggbc train`)")
+    try:
+        from ..detector.weights import load_detector
+    except ImportError as e:
+        raise ImportError(f"--weights needs the small detector (tggbc.detector), which failed to import: {e}") from e
+    try:
+        model = load_detector(path)
+    except ImportError as e:
+        raise ImportError(f"--weights needs {e.name or 'an optional package'}: pip install 'tggbc[eval]'") from e
+    decoder = getattr(model, "decoder", None)
+    if not isinstance(decoder, PETRFamilyDecoder):
+        raise TypeError(f"{path} loaded as {type(model).__name__}, which has no PETR-family decoder to export")
+    return decoder, model.config.num_keys, decoder.num_queries
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import resolve_setting
+    from ..models import build_decoder
+    from .onnx import DEFAULT_OPSET, compare_onnx, export_onnx
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not args.out.endswith(".onnx"):
+        raise ValueError(f"--out {args.out}: give a file name ending in .onnx")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory")
+    if args.weights is not None:
+        if args.preset is not None or args.kind is not None:
+            raise ValueError("--weights exports the detector's own decoder: drop --preset / --kind")
+        if args.keys is not None or args.queries is not None:
+            raise ValueError("--weights fixes keys and queries (the detector's image size and queries)")
+        decoder, num_keys, num_queries = load_detector_decoder(args.weights)
+        # Defaults: the StreamPETR preset's fraction and n, k scaled to the queries as 175 of 900.
+        r = 0.875 if args.r is None else args.r
+        n = 1 if args.n is None else args.n
+        k = max(1, round(175 * num_queries / 900)) if args.k is None else args.k
+        what = f"{type(decoder).__name__} from {args.weights}"
+    else:
+        name, preset = resolve_setting(args)  # unknown preset -> ValueError naming the known ones
+        torch.manual_seed(args.seed)
+        kwargs = {} if args.queries is None else {"num_queries": args.queries}
+        decoder = build_decoder(preset.kind, **kwargs).eval().requires_grad_(False)
+        num_keys, r, n, k = preset.keys, preset.r, preset.n, preset.k
+        what = f"{preset.kind} decoder ({name}, random weights)"
+    if args.dense:
+        r = 0
+    result = export_onnx(
+        decoder,
+        args.out,
+        num_keys=num_keys,
+        r=r,
+        n=n,
+        k=k,
+        batch=args.batch,
+        padded=args.padded,
+        dtype=args.dtype,
+        opset=args.opset or DEFAULT_OPSET,
+        all_layers=args.all_layers,
+        kept_keys=args.kept_keys,
+        optimize=args.optimize,
+        verbose=args.verbose,
+    )
+    setting = "dense" if not any(result.schedule) else f"tgGBC r={r} n={n} k={k}"
+    print(
+        f"wrote {result.path}: {what}, {num_keys} keys, batch {result.batch}, {setting}\n"
+        f"  keys per layer {','.join(map(str, result.keys_per_layer))}; opset {result.opset}, {result.dtype}, "
+        f"{result.size_mb:.1f} MB, {result.seconds:.1f} s; onnx.checker: ok\n"
+        f"  inputs:  {', '.join(result.input_names)}\n"
+        f"  outputs: {', '.join(result.output_names)}"
+    )
+    if args.no_compare:
+        return 0
+    cmp = compare_onnx(result.path, decoder, r=r, n=n, k=k, seed=args.seed, threads=args.threads)
+    details = ", ".join(f"{key} {value:.2e}" for key, value in cmp.per_output.items())
+    print(f"onnxruntime vs PyTorch (float32 eager, same inputs): max abs diff {cmp.max_abs_diff:.2e} ({details})")
+    if cmp.kept_equal is not None:
+        same = "yes" if cmp.kept_equal else f"NO ({cmp.kept_overlap:.1%} of PyTorch's kept keys kept)"
+        print(f"  kept keys equal to PyTorch's: {same}")
+    if result.dtype == "float32" and (cmp.max_abs_diff > FP32_TOLERANCE or cmp.kept_equal is False):
+        print(f"tggbc export: error: the graph differs from PyTorch by more than {FP32_TOLERANCE:g}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,309 @@
+"""tgGBC that traces into a static graph: fixed schedule, static shapes, no data-dependent Python.
+
+The eager core validates with data-dependent Python (`bool(isfinite(importance).all())`) and
+ranks keys with a stable argsort; the first cannot be traced and the second has no ONNX
+operator. Here the same kept set comes from one TopK:
+
+    eager:  order = stable ascending argsort(importance); drop order[:r]; keep the rest, ascending
+    here:   TopK(largest, k = Nk - r) over the *reversed* keys, mapped back, then sorted ascending
+
+Stable ascending order ranks keys by (importance, index), so the kept keys are the Nk - r largest
+by (importance, index): of two equal keys the later one is kept. ONNX's TopK breaks ties by the
+lower index first; on the reversed keys the lower reversed index is the later key, which is
+exactly that rule. Padded keys get -inf, as in `select_keys`. Two caveats, both for exact ties
+or bad values only: run eagerly in PyTorch, `torch.topk` promises no tie rule (use `select_keys`
+there); and the eager NaN check cannot raise inside a graph, so a NaN importance gives an
+unspecified kept set.
+
+Imports nothing but torch, the core and the host decoders.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..models.decoder import PETRFamilyDecoder
+from ..models.streampetr import StreamPETRDecoder, TemporalState
+from ..prune import importance_from_rows, prune_schedule, query_confidence, top_queries
+from ..pruner import KeyPruner, PrunedKeys
+
+__all__ = [
+    "ExportedDecoder",
+    "KeySelection",
+    "StaticKeyPruner",
+    "STATE_FIELDS",
+    "gather_kept",
+    "select_keys_static",
+]
+
+# TemporalState fields, in the order they appear among the graph inputs (state_*) and outputs (next_state_*).
+STATE_FIELDS = ("embedding", "reference_points", "timestamp", "ego_pose", "velocity")
+
+
+def select_keys_static(importance: Tensor, r: int, key_padding_mask: Tensor | None = None) -> Tensor:
+    """`select_keys` in traceable form: the same kept keys for the same importance.
+
+    Args:
+        importance: [B, Nk] key importance.
+        r: keys to drop, a Python int with 0 <= r < Nk (it fixes the output shape).
+        key_padding_mask: optional [B, Nk] bool, True for padded keys (dropped first).
+    Returns:
+        [B, Nk - r] long indices of the kept keys, ascending.
+    """
+    num_keys = importance.shape[1]
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < num_keys:
+        raise ValueError(f"cannot drop r={r!r} of Nk={num_keys} keys: need an int with 0 <= r < Nk")
+    if key_padding_mask is not None:
+        importance = importance.masked_fill(key_padding_mask, float("-inf"))
+    # TopK on the reversed keys: its lower-index-first tie rule then keeps the later of equal keys,
+    # as dropping the first r of a stable ascending sort does. sorted=False: only the set matters.
+    reversed_index = importance.flip(1).topk(num_keys - r, dim=1, largest=True, sorted=False).indices
+    kept = (num_keys - 1) - reversed_index  # (B, Nk - r), back to key positions
+    return kept.sort(dim=1).values  # ascending key order, as select_keys returns
+
+
+def gather_kept(kept: Tensor, tensor: Tensor | None) -> Tensor | None:
+    """Rows of a batch-first key tensor at the kept positions.
+
+    Args:
+        kept: [B, K] long key indices.
+        tensor: [B, Nk, ...] (keys, positions) or [B, Nk] (padding mask), or None.
+    Returns:
+        [B, K, ...] (or [B, K]); None passes through.
+    """
+    if tensor is None:
+        return None
+    batch, num_keys = tensor.shape[:2]
+    # One Gather of whole rows from the flattened (B * Nk, ...) tensor: a plain row copy in any
+    # runtime, where gathering per element (GatherElements) would index every channel.
+    flat = (kept + torch.arange(batch, device=kept.device).unsqueeze(1) * num_keys).reshape(-1)  # (B * K,)
+    rows = tensor.reshape(batch * num_keys, *tensor.shape[2:]).index_select(0, flat)
+    return rows.reshape(batch, kept.shape[1], *tensor.shape[2:])
+
+
+class KeySelection(nn.Module):
+    """tgGBC's own work after one layer: importance, selection and gathers.
+
+    A module (without parameters) only so that exported graphs name these operators: their
+    nodes carry `KeySelection` in their metadata, which the backend benchmarks use to time
+    tgGBC's share of a run.
+
+    Args:
+        k: the k most confident queries vote; <= 0 means all.
+    """
+
+    def __init__(self, k: int = -1):
+        super().__init__()
+        self.k = k
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+    def forward(
+        self,
+        drop: int,
+        cls_logits: Tensor,
+        attn,
+        key: Tensor,
+        value: Tensor | None,
+        key_pos: Tensor | None,
+        key_padding_mask: Tensor | None,
+    ) -> PrunedKeys:
+        """Drop `drop` keys; shapes as in `KeyPruner.step` (batch-first)."""
+        with torch.no_grad():
+            confidence = query_confidence(cls_logits)  # (B, Nq)
+            index = top_queries(confidence, self.k)  # (B, K) or None
+            weights = confidence if index is None else confidence.gather(1, index)
+            if isinstance(attn, Tensor):  # the explicit [B, Nq, Nk] map
+                rows = attn if index is None else attn.gather(1, index.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
+                importance = importance_from_rows(rows, weights)
+            elif hasattr(attn, "importance"):  # AttentionRows: K rows per head, never the full map
+                importance = attn.importance(index, weights)
+            else:
+                raise TypeError(f"attn must be a tensor or an AttentionRows, got {type(attn).__name__}")
+            kept = select_keys_static(importance, drop, key_padding_mask)  # (B, Nk - drop)
+        new_key = gather_kept(kept, key)
+        new_value = new_key if value is key else gather_kept(kept, value)
+        return PrunedKeys(new_key, new_value, gather_kept(kept, key_pos), gather_kept(kept, key_padding_mask), kept)
+
+
+class StaticKeyPruner(KeyPruner):
+    """A KeyPruner whose `step` traces into a static graph (same schedule, same kept keys).
+
+    Schedule validation stays in `reset` (plain Python on shapes, fine under tracing); `step`
+    drops the data-dependent checks and runs `KeySelection` (`select_keys_static` and row
+    gathers). Batch-first only, as the host decoders are. Register `selection` as a submodule of
+    the module being exported (ExportedDecoder does) so the graph names its operators.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.batch_first:
+            raise ValueError("StaticKeyPruner is batch-first only, as the host decoders are")
+        self.selection = KeySelection(self.k)
+
+    def step(
+        self,
+        layer: int,
+        cls_logits: Tensor,
+        attn,
+        key: Tensor,
+        value: Tensor | None = None,
+        key_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> PrunedKeys:
+        if not self.schedule:
+            raise RuntimeError("call reset(num_keys, num_layers) before the decoder loop")
+        drop = self.schedule[layer]
+        if drop == 0:
+            return PrunedKeys(key, value, key_pos, key_padding_mask, None)
+        return self.selection(drop, cls_logits, attn, key, value, key_pos, key_padding_mask)
+
+
+class ExportedDecoder(nn.Module):
+    """A host decoder with a fixed tgGBC setting, taking and returning plain tensors (for export).
+
+    Graph inputs (B batch, Nk keys, E channels, M memory entries):
+        memory, key_pos: [B, Nk, E]; key_padding_mask: [B, Nk] bool (only with padded=True).
+        StreamPETR also: state_embedding [B, M, E], state_reference_points [B, M, 3],
+        state_timestamp [B, M, 1] float64, state_ego_pose [B, M, 4, 4], state_velocity [B, M, 2]
+        (the previous frame's TemporalState), ego_pose and ego_pose_inv [B, 4, 4] (the inverse is
+        an input because ONNX has no matrix inverse), timestamp [B] float64, prev_exists [B].
+    Graph outputs:
+        cls_scores [B, Nq, C], bbox_preds [B, Nq, code_size] of the last layer (with
+        all_layers=True: [L, B, Nq, ...] of every layer); StreamPETR also next_state_* (the new
+        TemporalState, same shapes as the state inputs); with kept_keys=True and pruning,
+        kept_keys [B, Nk_L]: original indices of the keys the last layer saw.
+
+    Args:
+        decoder: any PETRFamilyDecoder (PETR, FocalPETR, StreamPETR, or a subclass such as a
+            detector's own decoder). It is used as is: put it in eval mode and the dtype you want.
+        r, n, k: the tgGBC setting (see `prune_schedule`); r=0 exports the dense decoder.
+        num_keys: Nk the graph is built for (fixes the schedule, so every shape is static).
+        padded: the graph takes a key_padding_mask input.
+        all_layers: return every layer's predictions, not only the last layer's.
+        kept_keys: also return kept_keys (needs a pruning setting).
+    """
+
+    def __init__(
+        self,
+        decoder: PETRFamilyDecoder,
+        r: int | float | list[int] = 0,
+        n: int = 1,
+        k: int = -1,
+        *,
+        num_keys: int,
+        padded: bool = False,
+        all_layers: bool = False,
+        kept_keys: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(decoder, PETRFamilyDecoder):
+            raise TypeError(
+                f"can only export a PETRFamilyDecoder (PETR, FocalPETR, StreamPETR), got {type(decoder).__name__}"
+            )
+        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
+            raise ValueError(f"num_keys must be a positive int, got {num_keys!r}")
+        num_layers = len(decoder.layers)
+        # Resolve the schedule now: r >= keys and the like fail here, before any tracing.
+        schedule = prune_schedule(r, n, num_layers, num_keys=num_keys)
+        schedule[-1] = 0  # as KeyPruner.reset: nothing reads the keys after the last layer
+        self.decoder = decoder
+        self.pruner = StaticKeyPruner(r=r, n=n, k=k) if any(schedule) else None
+        # Registered here so the exported graph names tgGBC's operators (see KeySelection).
+        self.key_selection = self.pruner.selection if self.pruner is not None else None
+        self.schedule = schedule
+        self.num_keys, self.padded, self.all_layers = num_keys, padded, all_layers
+        if kept_keys and self.pruner is None:
+            raise ValueError("kept_keys needs a setting that prunes (r > 0)")
+        self.kept_keys = kept_keys
+        self.streaming = isinstance(decoder, StreamPETRDecoder)
+        self.keys_per_layer = [num_keys]
+        for drop in schedule[:-1]:
+            self.keys_per_layer.append(self.keys_per_layer[-1] - drop)
+
+        names = ["memory", "key_pos"] + (["key_padding_mask"] if padded else [])
+        if self.streaming:
+            names += [f"state_{f}" for f in STATE_FIELDS] + ["ego_pose", "ego_pose_inv", "timestamp", "prev_exists"]
+        self.input_names = names
+        outputs = ["cls_scores", "bbox_preds"]
+        if self.streaming:
+            outputs += [f"next_state_{f}" for f in STATE_FIELDS]
+        if kept_keys:
+            outputs.append("kept_keys")
+        self.output_names = outputs
+
+    def flatten_inputs(self, inputs: dict) -> tuple[Tensor, ...]:
+        """`example_inputs(decoder, ...)`-style keyword arguments -> the graph inputs, in order.
+
+        Fills what the graph needs and the dict may lack: a key_padding_mask of all False,
+        ego_pose_inv from ego_pose, prev_exists = 1 (the state continues its scene).
+        """
+        memory = inputs["memory"]
+        batch, num_keys = memory.shape[:2]
+        if num_keys != self.num_keys:
+            raise ValueError(f"the graph is built for {self.num_keys} keys, got memory of shape {tuple(memory.shape)}")
+        out = [memory, inputs["key_pos"]]
+        if self.padded:
+            mask = inputs.get("key_padding_mask")
+            out.append(torch.zeros(batch, num_keys, dtype=torch.bool, device=memory.device) if mask is None else mask)
+        if self.streaming:
+            state = inputs.get("state")
+            if state is None:
+                raise ValueError("a StreamPETR graph needs a TemporalState (TemporalState.empty for a new scene)")
+            ego_pose = inputs.get("ego_pose")
+            if ego_pose is None:
+                ego_pose = torch.eye(4, device=memory.device).repeat(batch, 1, 1)
+            ego_pose = ego_pose.float()
+            ego_pose_inv = inputs.get("ego_pose_inv")
+            ego_pose_inv = torch.linalg.inv(ego_pose) if ego_pose_inv is None else ego_pose_inv.float()
+            timestamp = inputs.get("timestamp")
+            timestamp = torch.zeros(batch, dtype=torch.float64) if timestamp is None else timestamp
+            prev_exists = inputs.get("prev_exists")
+            prev_exists = torch.ones(batch) if prev_exists is None else prev_exists
+            out += [getattr(state, f) for f in STATE_FIELDS]
+            out += [ego_pose, ego_pose_inv, torch.as_tensor(timestamp).double().reshape(batch)]
+            out.append(torch.as_tensor(prev_exists).float().reshape(batch))
+        return tuple(out)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        named = dict(zip(self.input_names, inputs, strict=True))
+        kwargs = {}
+        if self.streaming:
+            kwargs = dict(
+                state=TemporalState(**{f: named[f"state_{f}"] for f in STATE_FIELDS}),
+                ego_pose=named["ego_pose"],
+                ego_pose_inv=named["ego_pose_inv"],
+                timestamp=named["timestamp"],
+                prev_exists=named["prev_exists"],
+            )
+        decoder = self.decoder
+        saved = decoder.pruner, decoder.attention
+        # Fast attention: fused SDPA everywhere, tgGBC reads only the top-k rows where a layer prunes.
+        decoder.pruner, decoder.attention = self.pruner, "fast"
+        try:
+            out = decoder(
+                named["memory"],
+                named["key_pos"],
+                named.get("key_padding_mask"),
+                track_keys=self.kept_keys,
+                **kwargs,
+            )
+        finally:
+            decoder.pruner, decoder.attention = saved
+        return self.flatten_outputs(out)
+
+    def flatten_outputs(self, out) -> tuple[Tensor, ...]:
+        """A DecoderOutput -> the graph outputs, in `output_names` order."""
+        if self.all_layers:
+            result = [out.cls_scores, out.bbox_preds]
+        else:
+            result = [out.cls_scores[-1], out.bbox_preds[-1]]
+        if self.streaming:
+            result += [getattr(out.state, f) for f in STATE_FIELDS]
+        if self.kept_keys:
+            result.append(out.kept[-1])
+        return tuple(result)
