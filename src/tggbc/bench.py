@@ -274,12 +274,24 @@ def run_benchmark(
             bar.update(1)
     bar.close()
 
+    prune_ms = {m: statistics.median(prune_times[m]) for m in methods}
+    return summarize(methods, times, prune_ms, peak, flops, keys_per_layer)
+
+
+def summarize(
+    methods: tuple[str, ...],
+    times: dict[str, list[float]],
+    prune_ms: dict[str, float],
+    peak: dict[str, float],
+    flops: dict[str, float],
+    keys_per_layer: dict[str, list[int]],
+) -> list[MethodResult]:
+    """One MethodResult per method from its timed runs (ms); ratios are against "dense"."""
     dense_median = statistics.median(times["dense"]) if "dense" in times else float("nan")
     dense_flops = flops.get("dense", float("nan"))
     results = []
     for m in methods:
         med = statistics.median(times[m])
-        prune_med = statistics.median(prune_times[m])
         results.append(
             MethodResult(
                 method=m,
@@ -287,8 +299,8 @@ def run_benchmark(
                 min_ms=min(times[m]),
                 max_ms=max(times[m]),
                 speedup=dense_median / med,
-                prune_ms=prune_med,
-                prune_share=prune_med / med,
+                prune_ms=prune_ms[m],
+                prune_share=prune_ms[m] / med,
                 peak_mb=peak[m],
                 gflops=flops[m] / 1e9,
                 flop_ratio=dense_flops / flops[m],

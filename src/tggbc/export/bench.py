@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..bench import MethodResult, Preset, _progress, count_flops
+from ..bench import MethodResult, Preset, _progress, count_flops, summarize
 from ..models import build_decoder, example_inputs
 from ..pruner import KeyPruner
 from .onnx import DTYPES, EXPORT_EXTRA, export_onnx, graph_feeds, onnxruntime_session, prune_node_names, require
@@ -259,25 +259,5 @@ def run_backend_benchmark(
         bar.close()
         del runners
 
-    dense_median = statistics.median(times["dense"]) if "dense" in times else float("nan")
-    dense_flops = flops.get("dense", float("nan"))
-    results = []
-    for m in methods:
-        med = statistics.median(times[m])
-        results.append(
-            MethodResult(
-                method=m,
-                median_ms=med,
-                min_ms=min(times[m]),
-                max_ms=max(times[m]),
-                speedup=dense_median / med,
-                prune_ms=share[m] * med,
-                prune_share=share[m],
-                peak_mb=peak[m],
-                gflops=flops[m] / 1e9,
-                flop_ratio=dense_flops / flops[m],
-                keys_per_layer=keys_per_layer[m],
-                times_ms=times[m],
-            )
-        )
-    return results
+    prune_ms = {m: share[m] * statistics.median(times[m]) for m in methods}
+    return summarize(methods, times, prune_ms, peak, flops, keys_per_layer)
