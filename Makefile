@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[cli,eval,export,dev]' $(TORCH)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[cli,eval,export,openvino,dev]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
