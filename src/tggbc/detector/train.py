@@ -163,20 +163,21 @@ def train(
                 group["lr"] = learning_rate(iteration, iterations, lr, warmup)
             output = model(images, lidar2img)
             loss, parts = detection_loss(output.cls_scores, output.bbox_preds, labels, targets, loss_cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at iteration {iteration}")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at iteration {iteration}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
             optimizer.step()
             iteration += 1
             log.write(
-                f"{iteration},{time.time() - began:.1f},{float(loss):.4f},{parts['cls']:.4f},{parts['box']:.4f},"
+                f"{iteration},{time.time() - began:.1f},{loss_value:.4f},{parts['cls']:.4f},{parts['box']:.4f},"
                 f"{optimizer.param_groups[0]['lr']:.3e}\n"
             )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
             if iteration % ckpt_every == 0:
                 log.flush()
                 save(iteration)
