@@ -17,13 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .files import write_json_atomic
 from .pruner import KeyPruner
 
 METHODS = ("dense", "reference", "fast")
@@ -348,23 +348,6 @@ def format_table(name: str, preset: Preset, results: list[MethodResult], env: di
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to path via a temp file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ------------------------------------------------------------------ command line
 
 
@@ -430,23 +413,28 @@ def run(args: argparse.Namespace) -> int:
         from .export.bench import run_backend_benchmark
 
         results = run_backend_benchmark(preset, backend=args.backend, methods=methods, **common)
-    env = {
-        "backend": args.backend,
-        "device": args.device,
-        "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "runs": args.runs,
-        "warmup": args.warmup,
-        "torch": torch.__version__,
-        "cpu": _cpu_name(),
-    }
+    env = environment(args.backend, args.device, args.dtype, args.batch, args.runs, args.warmup)
     print(format_table(name, preset, results, env))
     if args.json:
         payload = {"preset": name, "setting": asdict(preset), "env": env, "results": [asdict(r) for r in results]}
         write_json_atomic(args.json, payload)
         print(f"wrote {args.json}")
     return 0
+
+
+def environment(backend: str, device: str, dtype: str, batch: int, runs: int, warmup: int) -> dict:
+    """What a result was measured on and how: printed above the table and stored in the JSON."""
+    return {
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "runs": runs,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+    }
 
 
 def _cpu_name() -> str:

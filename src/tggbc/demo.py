@@ -63,11 +63,12 @@ def ensure_val_data(root: Path, image_size: tuple[int, int], num_scenes: int, pr
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench import PRESETS, format_table, run_benchmark, write_json_atomic
+    from .bench import PRESETS, environment, format_table, run_benchmark
     from .detector.evaluate import evaluate as evaluate_settings
     from .detector.evaluate import format_results, standard_settings
     from .detector.plots import plot_accuracy_vs_latency, plot_kept_keys
     from .detector.weights import load_detector
+    from .files import write_json_atomic
     from .pruner import KeyPruner
 
     if args.threads:
@@ -120,15 +121,7 @@ def run(args: argparse.Namespace) -> int:
         name = "streampetr-v2-99-1600x640"
         print(f"\nDecoder latency at the published {name} shape (random weights; speed does not depend on them):")
         bench = run_benchmark(PRESETS[name], runs=args.bench_runs, warmup=1, progress=not args.quiet)
-        env = {
-            "device": "cpu",
-            "dtype": "float32",
-            "threads": torch.get_num_threads(),
-            "batch": 1,
-            "runs": args.bench_runs,
-            "warmup": 1,
-            "torch": torch.__version__,
-        }
+        env = environment("torch", "cpu", "float32", 1, args.bench_runs, 1)
         print(format_table(name, PRESETS[name], bench, env))
 
     from dataclasses import asdict

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..data.classes import DETECTION_CLASSES
+from ..files import write_json_atomic
 from ..pruner import KeyPruner
 from .model import Detections, PETRDetector
 
@@ -104,12 +105,6 @@ def to_submission_boxes(det: Detections, frame) -> list[dict]:
             }
         )
     return boxes
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    from ..bench import write_json_atomic as write
-
-    write(str(path), payload)
 
 
 def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None) -> tuple[dict, object]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from .loss import LossConfig, detection_loss, encode_boxes
 from .model import DetectorConfig, PETRDetector
 
@@ -59,17 +59,6 @@ class FrameSet:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.images.shape[-1], self.images.shape[-2]
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def learning_rate(iteration: int, total: int, base: float, warmup: int) -> float:
@@ -131,16 +120,14 @@ def train(
         log_path.write_text("iteration,seconds,loss,cls,box,lr\n")
 
     def save(iteration: int) -> None:
-        _save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": iteration,
-                "generator": generator.get_state(),
-                "config": config.to_dict(),
-            },
-            checkpoint_path,
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iteration": iteration,
+            "generator": generator.get_state(),
+            "config": config.to_dict(),
+        }
+        write_atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     bar = None
     if progress:

@@ -7,12 +7,11 @@ a message that names the offending tensors.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from .model import DetectorConfig, PETRDetector
 
 _FORMAT = "tggbc-petr-detector/1"
@@ -29,16 +28,7 @@ def save_detector(model: PETRDetector, path: str | Path, dtype: torch.dtype = to
     metadata = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
     if extra:
         metadata["extra"] = json.dumps(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict:
