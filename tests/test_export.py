@@ -220,7 +220,8 @@ def test_export_cli_exports_a_detector_decoder(tmp_path, capsys):
     assert "onnx.checker: ok" in text and "keys per layer 48,24,24" in text
     assert "kept keys equal to PyTorch's: yes" in text
     assert float(text.split("max abs diff ")[1].split()[0]) <= 1e-4
-    assert [i.name for i in onnx.load(out).graph.input] == ["memory", "key_pos", "key_padding_mask"]
+    names = ["memory", "key_pos", "key_padding_mask", "query", "reference_points"]
+    assert [i.name for i in onnx.load(out).graph.input] == names
 
 
 def test_bench_onnxruntime_json_has_every_field(tmp_path, capsys, tiny_factory):

@@ -60,7 +60,7 @@ def test_onnx_detections_equal_pytorch(model, frames, tmp_path):
     cfg = model.config
     setting = dict(r=0.875, n=1, k=default_k(cfg.num_queries))
     path = tmp_path / "detector.onnx"
-    export_onnx(model.decoder, path, num_keys=cfg.num_keys, **setting)
+    export_onnx(model.decoder, path, num_keys=cfg.num_keys, queries=True, **setting)
     graph = onnx.load(str(path), load_external_data=False)
     session = onnxruntime_session(path, threads=2)
     output_names = [o.name for o in session.get_outputs()]
@@ -68,11 +68,12 @@ def test_onnx_detections_equal_pytorch(model, frames, tmp_path):
         images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)
         lidar2img = torch.from_numpy(frame.lidar2img).unsqueeze(0)
         with torch.inference_mode():
-            keys = model.keys(images, lidar2img)
+            inputs = model.inputs(images, lidar2img)
             model.decoder.pruner = KeyPruner(**setting)
-            eager = model.decoder(keys.memory, keys.key_pos, keys.key_padding_mask)
+            eager = model.decode(inputs)
             model.decoder.pruner = None
-        feeds = graph_feeds(graph, model.decoder, {"memory": keys.memory, "key_pos": keys.key_pos})
+        names = ("memory", "key_pos", "query", "reference_points")
+        feeds = graph_feeds(graph, model.decoder, {name: getattr(inputs, name) for name in names})
         outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
         cls_onnx = torch.from_numpy(outputs["cls_scores"]).reshape(eager.cls_scores[-1].shape)
         box_onnx = torch.from_numpy(outputs["bbox_preds"]).reshape(eager.bbox_preds[-1].shape)

@@ -272,6 +272,28 @@ def test_bad_inputs_raise():
         decoder(memory, key_pos)
 
 
+def test_per_sample_queries():
+    """Two-stage use: the learned anchors and zero targets passed explicitly change nothing; other
+    anchors change the output; bad shapes are refused."""
+    decoder = randomize(PETRDecoder(**TINY, pruner=KeyPruner(r=[10, 10, 0], k=4))).eval()
+    memory, key_pos, _ = keys()
+    batch, num_queries = memory.shape[0], TINY["num_queries"]
+    anchors = decoder.reference_points.weight.detach().expand(batch, -1, -1)
+    with torch.no_grad():
+        default = decoder(memory, key_pos)
+        explicit = decoder(memory, key_pos, query=torch.zeros(batch, num_queries, 32), reference_points=anchors)
+        moved = decoder(memory, key_pos, reference_points=anchors.flip(1))
+        fewer = decoder(memory, key_pos, query=torch.randn(batch, 3, 32), reference_points=anchors[:, :3])
+    torch.testing.assert_close(explicit.cls_scores, default.cls_scores, rtol=0, atol=0)
+    torch.testing.assert_close(explicit.bbox_preds, default.bbox_preds, rtol=0, atol=0)
+    assert not torch.allclose(moved.bbox_preds, default.bbox_preds)
+    assert fewer.cls_scores.shape[2] == 3
+    with pytest.raises(ValueError, match="reference_points must be"):
+        decoder(memory, key_pos, reference_points=anchors[0])
+    with pytest.raises(ValueError, match="query must be"):
+        decoder(memory, key_pos, query=torch.zeros(batch, num_queries, 16), reference_points=anchors)
+
+
 def test_gradients_flow_through_pruned_decoder():
     decoder = randomize(PETRDecoder(**TINY, pruner=KeyPruner(r=[10, 10, 0], k=4)))
     memory, key_pos, _ = keys()

@@ -165,11 +165,11 @@ def evaluate(
         frame.images = None
         lidar2img = torch.from_numpy(frame.lidar2img).unsqueeze(0)
         with torch.inference_mode():
-            keys = model.keys(images, lidar2img)
+            inputs = model.inputs(images, lidar2img)
             for s in settings:
                 model.decoder.pruner = pruners[s.name]
                 start = time.perf_counter()
-                out = model.decoder(keys.memory, keys.key_pos, keys.key_padding_mask)
+                out = model.decode(inputs)
                 times[s.name].append((time.perf_counter() - start) * 1e3)
                 keys_seen[s.name] = out.keys_per_layer
                 (det,) = model.detections(out.cls_scores[-1], out.bbox_preds[-1])

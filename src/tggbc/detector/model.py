@@ -7,6 +7,7 @@ of a trained model. Shape letters: B batch, N cameras, H, W image size, Nk keys,
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..models.petr import PETRDecoder
 from ..models.position import PETRPositionEmbedding
 from ..pruner import KeyPruner
+from .dense import REG_CHANNELS, select_proposals
 from .loss import decode_boxes
 
 
@@ -29,7 +31,9 @@ class DetectorConfig:
     num_heads: int = 8
     ffn_dims: int = 2048
     num_layers: int = 6
-    backbone_channels: tuple[int, ...] = (24, 48, 96, 192)  # stem + three one-block stages, stride 16
+    backbone_channels: tuple[int, ...] = (32, 64, 128, 224)  # stem + three stages, stride 16
+    backbone_blocks: tuple[int, ...] = (1, 1, 2)  # basic blocks per stage after the stem
+    head_channels: int = 64  # hidden width of the dense token head
     max_detections: int = 300
     dropout: float = 0.0  # no dropout: synthetic data is plentiful, and CPU dropout masks cost more than the layers
 
@@ -49,6 +53,8 @@ class DetectorConfig:
     def from_dict(cls, d: dict) -> DetectorConfig:
         d = dict(d)
         d["backbone_channels"] = tuple(d["backbone_channels"])
+        if "backbone_blocks" in d:
+            d["backbone_blocks"] = tuple(d["backbone_blocks"])
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown detector config fields {sorted(unknown)}")
@@ -77,27 +83,69 @@ class BasicBlock(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Images [B*N, 3, H, W] -> features [B*N, C_last, H / 2^S, W / 2^S]: a conv stem, then one
-    strided basic block per stage. Small on purpose: the detector must train on two CPU cores."""
+    """Images [B*N, 3, H, W] -> features [B*N, C_last, H / 2^S, W / 2^S]: a conv stem, then stages
+    of basic blocks, the first of each strided. Small on purpose: it must train on two CPU cores."""
 
-    def __init__(self, channels: tuple[int, ...]):
+    def __init__(self, channels: tuple[int, ...], blocks: tuple[int, ...]):
         super().__init__()
-        stages, cin = [], 3
-        for i, cout in enumerate(channels):
-            if i == 0:  # stem: one plain conv
-                stages.append(
-                    nn.Sequential(
-                        nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-                    )
-                )
-            else:
-                stages.append(BasicBlock(cin, cout, 2))
+        if len(blocks) != len(channels) - 1 or min(blocks, default=1) < 1:
+            raise ValueError(
+                f"need one block count >= 1 per stage after the stem: channels {channels}, blocks {blocks}"
+            )
+        stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(True))
+        stages, cin = [stem], channels[0]
+        for cout, count in zip(channels[1:], blocks, strict=True):
+            stages.append(
+                nn.Sequential(BasicBlock(cin, cout, 2), *(BasicBlock(cout, cout, 1) for _ in range(count - 1)))
+            )
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.out_channels = cin
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stages(x)
+
+
+class DenseHead(nn.Module):
+    """Backbone features [B*N, C_in, h, w] -> per-token class logits [B*N, C, h, w] and
+    regression [B*N, 3, h, w] (centre offset in tokens, log depth); see `dense.py`."""
+
+    def __init__(self, in_channels: int, hidden: int, num_classes: int):
+        super().__init__()
+
+        def branch(out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, out, 1)
+            )
+
+        self.cls = branch(num_classes)
+        self.reg = branch(REG_CHANNELS)
+        nn.init.constant_(self.cls[-1].bias, -2.19)  # CenterNet's prior: p = 0.1 everywhere at start
+        nn.init.zeros_(self.reg[-1].weight)
+        with torch.no_grad():
+            self.reg[-1].bias.copy_(torch.tensor([0.0, 0.0, math.log(20.0)]))  # centre of the cell, 20 m away
+
+    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls(feats), self.reg(feats)
+
+
+class DecoderInputs(NamedTuple):
+    """What `PETRDetector.inputs` computes from a batch of frames.
+
+    memory, key_pos: [B, Nk, E] keys; key_padding_mask: [B, Nk] or None.
+    query: [B, Nq, E] initial targets; reference_points: [B, Nq, 3] normalised anchors.
+    heatmap: [B, N, C, h, w] dense class logits; regression: [B, N, 3, h, w]; proposals: [B, Nq]
+    the token each query was selected from.
+    """
+
+    memory: Tensor
+    key_pos: Tensor
+    key_padding_mask: Tensor | None
+    query: Tensor
+    reference_points: Tensor
+    heatmap: Tensor
+    regression: Tensor
+    proposals: Tensor
 
 
 class Detections(NamedTuple):
@@ -127,7 +175,12 @@ class PETRDetector(nn.Module):
     def __init__(self, config: DetectorConfig = DetectorConfig(), pruner: KeyPruner | None = None):
         super().__init__()
         self.config = config
-        self.backbone = Backbone(config.backbone_channels)
+        self.backbone = Backbone(config.backbone_channels, config.backbone_blocks)
+        self.head = DenseHead(self.backbone.out_channels, config.head_channels, config.num_classes)
+        # Query content from the selected tokens' features (their class evidence), not zeros.
+        self.query_proj = nn.Sequential(
+            nn.Linear(config.embed_dims, config.embed_dims), nn.LayerNorm(config.embed_dims)
+        )
         self.position = PETRPositionEmbedding(in_channels=self.backbone.out_channels, embed_dims=config.embed_dims)
         self.decoder = PETRDecoder(
             num_layers=config.num_layers,
@@ -142,14 +195,14 @@ class PETRDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
-    def keys(self, images: Tensor, lidar2img: Tensor):
-        """Decoder keys of a batch of frames.
+    def inputs(self, images: Tensor, lidar2img: Tensor) -> DecoderInputs:
+        """Everything the decoder reads for a batch of frames: keys, and queries chosen from them.
 
         Args:
             images: [B, N, 3, H, W] uint8 or float in [0, 1].
             lidar2img: [B, N, 4, 4].
         Returns:
-            DecoderKeys with memory, key_pos [B, N*h*w, E].
+            DecoderInputs (see there).
         """
         b, n, _, h, w = images.shape
         if (w, h) != (self.config.image_width, self.config.image_height):
@@ -161,13 +214,40 @@ class PETRDetector(nn.Module):
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = (x - self.mean) / self.std
         feats = self.backbone(x.to(self.mean.dtype))
+        heatmap, regression = self.head(feats)
         feats = feats.view(b, n, *feats.shape[1:])
-        return self.position(feats, lidar2img, (h, w))
+        heatmap = heatmap.view(b, n, *heatmap.shape[1:])
+        regression = regression.view(b, n, *regression.shape[1:])
+        keys = self.position(feats, lidar2img, (h, w))
+        index, center = select_proposals(heatmap, regression, lidar2img, self.config.stride, self.config.num_queries)
+        low, high = self.decoder.pc_range[:3], self.decoder.pc_range[3:]
+        reference_points = ((center - low) / (high - low)).clamp(0.0, 1.0)
+        selected = keys.memory.gather(1, index[..., None].expand(-1, -1, keys.memory.shape[-1]))
+        return DecoderInputs(
+            memory=keys.memory,
+            key_pos=keys.key_pos,
+            key_padding_mask=keys.key_padding_mask,
+            query=self.query_proj(selected),
+            reference_points=reference_points,
+            heatmap=heatmap,
+            regression=regression,
+            proposals=index,
+        )
+
+    def decode(self, inputs: DecoderInputs, track_keys: bool = False):
+        """The decoder (with whatever tgGBC pruner it holds) on `inputs`: a DecoderOutput."""
+        return self.decoder(
+            inputs.memory,
+            inputs.key_pos,
+            inputs.key_padding_mask,
+            query=inputs.query,
+            reference_points=inputs.reference_points,
+            track_keys=track_keys,
+        )
 
     def forward(self, images: Tensor, lidar2img: Tensor, track_keys: bool = False):
         """Per-layer predictions: DecoderOutput with cls_scores [L, B, Nq, C], bbox_preds [L, B, Nq, 10]."""
-        keys = self.keys(images, lidar2img)
-        return self.decoder(keys.memory, keys.key_pos, keys.key_padding_mask, track_keys=track_keys)
+        return self.decode(self.inputs(images, lidar2img), track_keys=track_keys)
 
     @torch.no_grad()
     def detections(self, cls_scores: Tensor, bbox_preds: Tensor) -> list[Detections]:

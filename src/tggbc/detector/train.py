@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
+from .dense import dense_loss, dense_targets
 from .loss import LossConfig, detection_loss, encode_boxes
 from .model import DetectorConfig, PETRDetector
 
@@ -27,7 +28,7 @@ _XY_LIMIT = 51.2
 class FrameSet:
     """All frames of a split held in memory: images [F, 6, 3, H, W] uint8 plus targets."""
 
-    def __init__(self, dataroot: str | Path, split: str, progress: bool = True):
+    def __init__(self, dataroot: str | Path, split: str, stride: int, num_classes: int, progress: bool = True):
         from ..data.frames import list_frames
 
         frames = list_frames(dataroot, split)
@@ -45,13 +46,22 @@ class FrameSet:
         self.frames = frames
         self.images = torch.stack(images)  # (F, 6, 3, H, W)
         self.lidar2img = torch.stack([torch.from_numpy(f.lidar2img) for f in frames])  # (F, 6, 4, 4)
-        self.labels, self.targets = [], []
+        self.labels, self.targets, dense = [], [], []
         for f in frames:
             boxes = torch.from_numpy(f.gt_boxes)
             keep = torch.from_numpy(f.gt_valid) & (boxes[:, :2].abs() < _XY_LIMIT).all(1)
             boxes = boxes[keep]
             self.labels.append(torch.from_numpy(f.gt_labels)[keep])
             self.targets.append(encode_boxes(boxes[:, 0:3], boxes[:, 3:6], boxes[:, 6], boxes[:, 7:9]))
+            targets = dense_targets(
+                boxes.numpy(), self.labels[-1].numpy(), f.lidar2img, self.image_size, stride, num_classes
+            )
+            dense.append([torch.from_numpy(t) for t in targets])
+        # Dense per-token targets: heatmap [F, N, C, h, w] (half precision: values in [0, 1]),
+        # regression [F, N, 3, h, w], regression weight [F, N, h, w].
+        self.heatmap = torch.stack([d[0] for d in dense]).half()
+        self.regression = torch.stack([d[1] for d in dense])
+        self.reg_weight = torch.stack([d[2] for d in dense])
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -95,11 +105,16 @@ def train(
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    trainset = FrameSet(data, "train", progress=progress)
-    width, height = trainset.image_size
+    from ..data.frames import list_frames
+
+    probe = list_frames(data, "train")[:1]
+    if not probe:
+        raise ValueError(f"{data} has no train frames")
+    height, width = probe[0].read_images().shape[1:3]
     config = DetectorConfig(
         **{"num_queries": num_queries, **(config or {}), "image_width": width, "image_height": height}
     )
+    trainset = FrameSet(data, "train", config.stride, config.num_classes, progress=progress)
 
     torch.manual_seed(seed)
     model = PETRDetector(config)
@@ -117,7 +132,7 @@ def train(
     loss_cfg = LossConfig()
     log_path = out / "loss.csv"
     if not log_path.exists():
-        log_path.write_text("iteration,seconds,loss,cls,box,lr\n")
+        log_path.write_text("iteration,seconds,loss,cls,box,heatmap,depth,lr\n")
 
     def save(iteration: int) -> None:
         state = {
@@ -148,8 +163,18 @@ def train(
             targets = [trainset.targets[i] for i in index.tolist()]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(iteration, iterations, lr, warmup)
-            output = model(images, lidar2img)
+            inputs = model.inputs(images, lidar2img)
+            output = model.decode(inputs)
             loss, parts = detection_loss(output.cls_scores, output.bbox_preds, labels, targets, loss_cfg)
+            heat_loss, reg_loss = dense_loss(
+                inputs.heatmap,
+                inputs.regression,
+                trainset.heatmap[index].float(),
+                trainset.regression[index],
+                trainset.reg_weight[index],
+            )
+            loss = loss + heat_loss + reg_loss
+            heat_value, reg_value = float(heat_loss.detach()), float(reg_loss.detach())
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at iteration {iteration}")
@@ -160,11 +185,16 @@ def train(
             iteration += 1
             log.write(
                 f"{iteration},{time.time() - began:.1f},{loss_value:.4f},{parts['cls']:.4f},{parts['box']:.4f},"
-                f"{optimizer.param_groups[0]['lr']:.3e}\n"
+                f"{heat_value:.4f},{reg_value:.4f},{optimizer.param_groups[0]['lr']:.3e}\n"
             )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}",
+                    cls=f"{parts['cls']:.3f}",
+                    box=f"{parts['box']:.3f}",
+                    heat=f"{heat_value:.3f}",
+                )
             if iteration % ckpt_every == 0:
                 log.flush()
                 save(iteration)

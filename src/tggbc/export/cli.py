@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         n = 1 if args.n is None else args.n
         k = max(1, round(175 * num_queries / 900)) if args.k is None else args.k
         what = f"{type(decoder).__name__} from {args.weights}"
+        queries = True  # the detector selects its queries per frame: they are graph inputs
     else:
         name, preset = resolve_setting(args)  # unknown preset -> ValueError naming the known ones
         torch.manual_seed(args.seed)
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         decoder = build_decoder(preset.kind, **kwargs).eval().requires_grad_(False)
         num_keys, r, n, k = preset.keys, preset.r, preset.n, preset.k
         what = f"{preset.kind} decoder ({name}, random weights)"
+        queries = False
     if args.dense:
         r = 0
     result = export_onnx(
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         k=k,
         batch=args.batch,
         padded=args.padded,
+        queries=queries,
         dtype=args.dtype,
         opset=args.opset or DEFAULT_OPSET,
         all_layers=args.all_layers,

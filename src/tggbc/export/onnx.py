@@ -31,7 +31,7 @@ from torch import Tensor
 from ..models import example_inputs
 from ..models.decoder import PETRFamilyDecoder
 from ..pruner import KeyPruner
-from .static import ExportedDecoder
+from .static import ExportedDecoder, example_queries
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -115,6 +115,7 @@ def export_onnx(
     k: int = -1,
     batch: int = 1,
     padded: bool = False,
+    queries: bool = False,
     dtype: str | torch.dtype = "float32",
     opset: int = DEFAULT_OPSET,
     all_layers: bool = False,
@@ -134,6 +135,8 @@ def export_onnx(
         r, n, k: the tgGBC setting (`prune_schedule`); r=0 exports the dense decoder.
         batch: B the graph is built for.
         padded: add a key_padding_mask [B, Nk] bool input.
+        queries: add query [B, Nq, E] and reference_points [B, Nq, 3] inputs (the small
+            detector's decoder: its queries are selected per frame from its keys).
         dtype: "float32" or "float16" weights and activations (importance is computed in
             float32 either way; StreamPETR's times stay float64, its geometry float32).
         opset: ONNX opset.
@@ -160,18 +163,17 @@ def export_onnx(
             f"can only export a PETRFamilyDecoder (PETR, FocalPETR, StreamPETR), got {type(decoder).__name__}"
         )
     # Fail on a bad setting (r >= keys, ...) before the slow imports and the copy.
-    exported = ExportedDecoder(
-        decoder, r, n, k, num_keys=num_keys, padded=padded, all_layers=all_layers, kept_keys=kept_keys
-    )
+    layout = dict(padded=padded, queries=queries, all_layers=all_layers, kept_keys=kept_keys)
+    exported = ExportedDecoder(decoder, r, n, k, num_keys=num_keys, **layout)
     onnx = require("onnx")
     require("onnxscript", purpose="torch's ONNX exporter (dynamo=True)")
 
     torch_dtype = DTYPES[dtype]
     copied = copy.deepcopy(decoder).eval().requires_grad_(False).to(torch_dtype)
-    exported = ExportedDecoder(
-        copied, r, n, k, num_keys=num_keys, padded=padded, all_layers=all_layers, kept_keys=kept_keys
-    )
+    exported = ExportedDecoder(copied, r, n, k, num_keys=num_keys, **layout)
     inputs = example_inputs(copied, num_keys=num_keys, batch=batch, dtype=torch_dtype, padded_fraction=0.0)
+    if queries:
+        inputs.update(example_queries(copied, batch, torch_dtype))
     args = exported.flatten_inputs(inputs)
 
     start = time.perf_counter()
@@ -360,7 +362,9 @@ def graph_feeds(model, decoder: PETRFamilyDecoder, inputs: dict) -> dict:
 
     graph_inputs = {i.name: i.type.tensor_type for i in model.graph.input}
     num_keys = graph_inputs["memory"].shape.dim[1].dim_value
-    layout = ExportedDecoder(decoder, num_keys=num_keys, padded="key_padding_mask" in graph_inputs)
+    layout = ExportedDecoder(
+        decoder, num_keys=num_keys, padded="key_padding_mask" in graph_inputs, queries="query" in graph_inputs
+    )
     feeds = {}
     for name, value in zip(layout.input_names, layout.flatten_inputs(inputs), strict=True):
         if name not in graph_inputs:
@@ -394,6 +398,7 @@ def torch_outputs(
     n: int = 1,
     k: int = -1,
     padded: bool = False,
+    queries: bool = False,
     all_layers: bool = False,
     kept_keys: bool = False,
 ) -> tuple[list[str], tuple[Tensor, ...]]:
@@ -407,7 +412,7 @@ def torch_outputs(
     """
     num_keys = inputs["memory"].shape[1]
     layout = ExportedDecoder(
-        decoder, r, n, k, num_keys=num_keys, padded=padded, all_layers=all_layers, kept_keys=kept_keys
+        decoder, r, n, k, num_keys=num_keys, padded=padded, queries=queries, all_layers=all_layers, kept_keys=kept_keys
     )
     saved = decoder.pruner, decoder.attention, decoder.training
     decoder.pruner = KeyPruner(r=r, n=n, k=k) if layout.pruner is not None else None
@@ -457,6 +462,7 @@ def compare_onnx(
     memory_shape = [d.dim_value for d in graph_inputs["memory"].type.tensor_type.shape.dim]
     batch, num_keys = memory_shape[:2]
     padded = "key_padding_mask" in graph_inputs
+    queries = "query" in graph_inputs
     output_names = [o.name for o in model.graph.output]
     all_layers = len(model.graph.output[0].type.tensor_type.shape.dim) == 4
     kept_keys = "kept_keys" in output_names
@@ -464,8 +470,10 @@ def compare_onnx(
         inputs = example_inputs(
             decoder, num_keys=num_keys, batch=batch, seed=seed, padded_fraction=0.25 if padded else 0
         )
+        if queries:
+            inputs.update(example_queries(decoder, batch, seed=seed))
     names, expected = torch_outputs(
-        decoder, inputs, r=r, n=n, k=k, padded=padded, all_layers=all_layers, kept_keys=kept_keys
+        decoder, inputs, r=r, n=n, k=k, padded=padded, queries=queries, all_layers=all_layers, kept_keys=kept_keys
     )
     if names != output_names:
         raise ValueError(f"{path} has outputs {output_names}, but this decoder and setting give {names}")

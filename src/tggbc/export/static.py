@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.decoder import PETRFamilyDecoder
+from ..models.petr import PETRDecoder
 from ..models.streampetr import StreamPETRDecoder, TemporalState
 from ..prune import importance_from_rows, prune_schedule, query_confidence, top_queries
 from ..pruner import KeyPruner, PrunedKeys
@@ -182,6 +183,8 @@ class ExportedDecoder(nn.Module):
         r, n, k: the tgGBC setting (see `prune_schedule`); r=0 exports the dense decoder.
         num_keys: Nk the graph is built for (fixes the schedule, so every shape is static).
         padded: the graph takes a key_padding_mask input.
+        queries: the graph takes query [B, Nq, E] and reference_points [B, Nq, 3] inputs (a
+            two-stage detector such as tggbc.detector selects them from its keys); PETR only.
         all_layers: return every layer's predictions, not only the last layer's.
         kept_keys: also return kept_keys (needs a pruning setting).
     """
@@ -195,6 +198,7 @@ class ExportedDecoder(nn.Module):
         *,
         num_keys: int,
         padded: bool = False,
+        queries: bool = False,
         all_layers: bool = False,
         kept_keys: bool = False,
     ):
@@ -219,11 +223,15 @@ class ExportedDecoder(nn.Module):
             raise ValueError("kept_keys needs a setting that prunes (r > 0)")
         self.kept_keys = kept_keys
         self.streaming = isinstance(decoder, StreamPETRDecoder)
+        if queries and not isinstance(decoder, PETRDecoder):
+            raise ValueError(f"queries=True needs a PETRDecoder (per-sample queries), got {type(decoder).__name__}")
+        self.queries = queries
         self.keys_per_layer = [num_keys]
         for drop in schedule[:-1]:
             self.keys_per_layer.append(self.keys_per_layer[-1] - drop)
 
         names = ["memory", "key_pos"] + (["key_padding_mask"] if padded else [])
+        names += ["query", "reference_points"] if queries else []
         if self.streaming:
             names += [f"state_{f}" for f in STATE_FIELDS] + ["ego_pose", "ego_pose_inv", "timestamp", "prev_exists"]
         self.input_names = names
@@ -248,6 +256,11 @@ class ExportedDecoder(nn.Module):
         if self.padded:
             mask = inputs.get("key_padding_mask")
             out.append(torch.zeros(batch, num_keys, dtype=torch.bool, device=memory.device) if mask is None else mask)
+        if self.queries:
+            missing = [name for name in ("query", "reference_points") if inputs.get(name) is None]
+            if missing:
+                raise ValueError(f"the graph takes per-sample queries: inputs lack {missing}")
+            out += [inputs["query"], inputs["reference_points"]]
         if self.streaming:
             state = inputs.get("state")
             if state is None:
@@ -280,6 +293,8 @@ class ExportedDecoder(nn.Module):
                 timestamp=named["timestamp"],
                 prev_exists=named["prev_exists"],
             )
+        if self.queries:
+            kwargs = dict(query=named["query"], reference_points=named["reference_points"])
         decoder = self.decoder
         saved = decoder.pruner, decoder.attention
         # Fast attention: fused SDPA everywhere, tgGBC reads only the top-k rows where a layer prunes.
@@ -307,3 +322,14 @@ class ExportedDecoder(nn.Module):
         if self.kept_keys:
             result.append(out.kept[-1])
         return tuple(result)
+
+
+def example_queries(decoder: PETRFamilyDecoder, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Random per-sample queries for a graph exported with queries=True: query [B, Nq, E] ~ N(0, 1)
+    and reference_points [B, Nq, 3] uniform in [0, 1) (Nq = decoder.num_queries)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (batch, decoder.num_queries)
+    return {
+        "query": torch.randn(*shape, decoder.embed_dims, generator=g).to(dtype),
+        "reference_points": torch.rand(*shape, 3, generator=g),
+    }

@@ -68,6 +68,8 @@ class PETRDecoder(PETRFamilyDecoder):
         key_pos: Tensor,
         key_padding_mask: Tensor | None = None,
         *,
+        query: Tensor | None = None,
+        reference_points: Tensor | None = None,
         track_keys: bool = False,
     ) -> DecoderOutput:
         """Decode 3D boxes from image keys.
@@ -76,16 +78,24 @@ class PETRDecoder(PETRFamilyDecoder):
             memory: [B, Nk, E] projected image features of all cameras, camera-major.
             key_pos: [B, Nk, E] their 3D position embedding.
             key_padding_mask: [B, Nk] bool, True for padded pixels, or None.
+            query: [B, Nq, E] initial targets, or None for PETR's zeros.
+            reference_points: [B, Nq, 3] normalised anchors chosen per sample (two-stage query
+                selection), or None for the learned ones. Nq may differ from num_queries.
             track_keys: return in `kept` the original indices of the keys each layer saw.
         Returns:
             DecoderOutput (state None).
         """
         self._check_keys(memory, key_pos, key_padding_mask)
         batch = memory.shape[0]
-        reference_points = self.reference_points.weight  # (Nq, 3)
-        query_pos = self.query_embedding(reference_points).unsqueeze(0).expand(batch, -1, -1)  # (B, Nq, E)
-        query = torch.zeros_like(query_pos)
-        reference_points = reference_points.unsqueeze(0).expand(batch, -1, -1)  # (B, Nq, 3)
+        if reference_points is None:
+            reference_points = self.reference_points.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, Nq, 3)
+        elif reference_points.dim() != 3 or reference_points.shape[0] != batch or reference_points.shape[2] != 3:
+            raise ValueError(f"reference_points must be [B={batch}, Nq, 3], got {tuple(reference_points.shape)}")
+        query_pos = self.query_embedding(reference_points)  # (B, Nq, E)
+        if query is None:
+            query = torch.zeros_like(query_pos)
+        elif query.shape != query_pos.shape:
+            raise ValueError(f"query must be [B, Nq, E] = {tuple(query_pos.shape)}, got {tuple(query.shape)}")
         return self.run_layers(
             query, query_pos, reference_points, memory, key_pos, key_padding_mask, track_keys=track_keys
         )

@@ -1,0 +1,112 @@
+"""Dense token targets, their loss and query selection, on a one-camera rig checked by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tggbc.detector.dense import box_corners, dense_loss, dense_targets, select_proposals
+
+# One camera looking along lidar +x: camera x = -lidar y, camera y = -lidar z, camera z = lidar x.
+# fx = fy = 100 px, principal point (88, 32) in a 176 x 64 image: an 11 x 4 token grid at stride 16.
+WIDTH, HEIGHT, STRIDE, CLASSES = 176, 64, 16, 3
+K = np.array([[100.0, 0, 88, 0], [0, 100, 32, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+LIDAR2CAM = np.array([[0.0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+LIDAR2IMG = (K @ LIDAR2CAM)[None].astype(np.float32)  # (1, 4, 4)
+
+
+def box(x, y, z, w=1.0, length=2.0, h=1.0, yaw=0.0):
+    return np.array([[x, y, z, w, length, h, yaw, 0.0, 0.0]], np.float32)
+
+
+def test_box_corners_by_hand():
+    corners = box_corners(np.array([[1.0, 2.0, 3.0, 2.0, 4.0, 6.0, math.pi / 2]]))
+    # Length 4 lies along yaw = 90 degrees, i.e. along lidar y; width 2 along -x.
+    assert np.allclose(corners[0].min(0), [0.0, 0.0, 0.0]) and np.allclose(corners[0].max(0), [2.0, 4.0, 6.0])
+
+
+def test_targets_of_one_box_by_hand():
+    # Centre (20, 0, 0.5): camera (0, -0.5, 20) -> pixel (88, 29.5) -> token row 1, column 5.
+    heat, reg, weight = dense_targets(box(20.0, 0.0, 0.5), np.array([2]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    assert heat.shape == (1, CLASSES, 4, 11) and reg.shape == (1, 3, 4, 11) and weight.shape == (1, 4, 11)
+    assert heat[0, 2, 1, 5] == 1.0 and (heat[0, 2] == 1.0).sum() == 1
+    assert heat[0, :2].max() == 0.0  # other classes untouched
+    assert weight[0, 1, 5] == 1.0
+    assert reg[0, :, 1, 5] == pytest.approx([88 / 16 - 5.5, 29.5 / 16 - 1.5, math.log(20.0)], abs=1e-6)
+    # A small far box: its Gaussian (radius 0.5 tokens) does not reach the neighbours' regression.
+    assert weight[0, 1, 4] == 0.0
+
+
+def test_neighbours_of_a_large_box_regress_its_centre():
+    # Centre (8, 0, 0.5): pixel (88, 25.75) -> token row 1, column 5; about 3.6 tokens wide.
+    heat, reg, weight = dense_targets(
+        box(8.0, 0.0, 0.5, w=4.0, h=4.0), np.array([0]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES
+    )
+    assert heat[0, 0, 1, 5] == 1.0
+    assert 0.2 < weight[0, 1, 4] < 1.0 and 0.0 < heat[0, 0, 1, 4] < 1.0
+    assert reg[0, :, 1, 4] == pytest.approx([88 / 16 - 4.5, 25.75 / 16 - 1.5, math.log(8.0)], abs=1e-6)
+
+
+def test_boxes_behind_or_outside_the_camera_leave_no_target():
+    boxes = np.concatenate([box(-20.0, 0.0, 0.5), box(5.0, 30.0, 0.5)])  # behind; far to the left
+    heat, reg, weight = dense_targets(boxes, np.array([0, 1]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    assert heat.max() == 0.0 and weight.max() == 0.0 and reg.max() == 0.0
+
+
+def test_the_nearer_of_two_aligned_objects_owns_the_regression():
+    boxes = np.concatenate([box(30.0, 0.0, 0.5), box(10.0, 0.0, 0.5 * 10 / 30)])  # same pixel row
+    heat, reg, weight = dense_targets(boxes, np.array([0, 1]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    row, col = 1, 5
+    assert heat[0, 0, row, col] == 1.0 and heat[0, 1, row, col] == 1.0  # both classes peak there
+    assert reg[0, 2, row, col] == pytest.approx(math.log(10.0), abs=1e-6)
+
+
+def test_dense_loss_by_hand():
+    heat = torch.zeros(1, 1, 1, 2, 2)
+    heat[0, 0, 0, 0, 0] = 1.0
+    logits = torch.full((1, 1, 1, 2, 2), -30.0)
+    logits[0, 0, 0, 0, 0] = 0.0  # p = 0.5 at the one peak: -log(0.5) * 0.5^2
+    target = torch.zeros(1, 1, 3, 2, 2)
+    weight = torch.zeros(1, 1, 2, 2)
+    weight[0, 0, 0, 0] = 1.0
+    pred = target.clone()
+    pred[0, 0, 2, 0, 0] = 0.5  # log-depth off by 0.5, counted twice
+    pred[0, 0, 0, 1, 1] = 9.0  # a token without weight does not count
+    heat_loss, reg_loss = dense_loss(logits, pred, heat, target, weight)
+    assert float(heat_loss) == pytest.approx(math.log(2.0) * 0.25, rel=1e-4)
+    assert float(reg_loss) == pytest.approx(1.0, rel=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    x=st.floats(4.0, 50.0),
+    lateral=st.floats(-0.6, 0.6),
+    z=st.floats(-1.5, 1.0),
+    label=st.integers(0, CLASSES - 1),
+)
+def test_perfect_head_selects_the_true_centre(x, lateral, z, label):
+    """Targets used as predictions: the selected token back-projects to the box centre (an independent
+    inverse of the projection that made the targets)."""
+    boxes = box(x, lateral * x, z * x / 20)
+    heat, reg, weight = dense_targets(boxes, np.array([label]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    if heat.max() < 1.0:  # the centre projects outside the image
+        return
+    logits = torch.from_numpy(np.where(heat == 1.0, 5.0, -5.0 + heat)).unsqueeze(0)
+    index, center = select_proposals(logits, torch.from_numpy(reg)[None], torch.from_numpy(LIDAR2IMG)[None], 16, 1)
+    row, col = np.argwhere(heat[0, label] == 1.0)[0]
+    assert index.tolist() == [[row * 11 + col]]
+    torch.testing.assert_close(center[0, 0], torch.from_numpy(boxes[0, :3]), atol=1e-3 * x, rtol=0)
+
+
+def test_select_proposals_errors_and_shapes():
+    logits = torch.randn(2, 6, 10, 2, 3)
+    reg = torch.randn(2, 6, 3, 2, 3)
+    lidar2img = torch.eye(4).expand(2, 6, 4, 4)
+    index, center = select_proposals(logits, reg, lidar2img, 16, 36)
+    assert index.shape == (2, 36) and center.shape == (2, 36, 3)
+    assert sorted(index[0].tolist()) == list(range(36))  # every token once
+    with pytest.raises(ValueError, match="cannot select 37 proposals from 36 tokens"):
+        select_proposals(logits, reg, lidar2img, 16, 37)
