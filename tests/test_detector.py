@@ -61,6 +61,35 @@ def test_loss_is_lower_for_the_right_prediction():
     assert float(good) < float(bad)
 
 
+def test_dense_phase_then_joint_training_log(dataset, tmp_path):
+    tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
+    with pytest.raises(ValueError, match="dense_iterations must lie in"):
+        train(dataset, tmp_path / "bad", iterations=2, dense_iterations=2, config=tiny, progress=False)
+    train(dataset, tmp_path / "run", iterations=3, dense_iterations=2, batch=1, warmup=1, config=tiny, progress=False)
+    rows = [line.split(",") for line in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
+    header = (tmp_path / "run" / "loss.csv").read_text().splitlines()[0].split(",")
+    cls, lr = header.index("cls"), header.index("lr")
+    # The dense phase leaves the decoder alone (learning rate 0, no set loss); then both train.
+    assert [r[cls] for r in rows[:2]] == ["nan", "nan"] and [float(r[lr]) for r in rows[:2]] == [0.0, 0.0]
+    assert rows[2][cls] != "nan" and float(rows[2][lr]) > 0.0
+
+
+def test_decoder_loss_does_not_reach_the_backbone():
+    """The backbone and dense head learn from the dense loss only (see PETRDetector.inputs)."""
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY))
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    lidar2img[..., 0, 0] = lidar2img[..., 1, 1] = 80.0
+    inputs = model.inputs(torch.randint(0, 255, (1, 6, 3, 64, 176), dtype=torch.uint8), lidar2img)
+    out = model.decode(inputs)
+    (out.cls_scores.sum() + out.bbox_preds.sum()).backward()
+    assert all(p.grad is None for p in [*model.backbone.parameters(), *model.head.parameters()])
+    assert model.decoder.layers[0].cross_attn.in_proj_weight.grad is not None
+    assert model.position.input_proj.weight.grad is not None
+    inputs.heatmap.sum().backward()
+    assert model.backbone.stages[0][0].weight.grad is not None
+
+
 def test_train_resume_save_load_evaluate(dataset, tmp_path):
     run = tmp_path / "run"
     tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
