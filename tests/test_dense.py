@@ -95,9 +95,11 @@ def test_perfect_head_selects_the_true_centre(x, lateral, z, label):
     if heat.max() < 1.0:  # the centre projects outside the image
         return
     logits = torch.from_numpy(np.where(heat == 1.0, 5.0, -5.0 + heat)).unsqueeze(0)
-    index, center = select_proposals(logits, torch.from_numpy(reg)[None], torch.from_numpy(LIDAR2IMG)[None], 16, 1)
+    index, center, peak = select_proposals(
+        logits, torch.from_numpy(reg)[None], torch.from_numpy(LIDAR2IMG)[None], 16, 1
+    )
     row, col = np.argwhere(heat[0, label] == 1.0)[0]
-    assert index.tolist() == [[row * 11 + col]]
+    assert index.tolist() == [[row * 11 + col]] and peak.tolist() == [[True]]
     torch.testing.assert_close(center[0, 0], torch.from_numpy(boxes[0, :3]), atol=1e-3 * x, rtol=0)
 
 
@@ -105,8 +107,18 @@ def test_select_proposals_errors_and_shapes():
     logits = torch.randn(2, 6, 10, 2, 3)
     reg = torch.randn(2, 6, 3, 2, 3)
     lidar2img = torch.eye(4).expand(2, 6, 4, 4)
-    index, center = select_proposals(logits, reg, lidar2img, 16, 36)
-    assert index.shape == (2, 36) and center.shape == (2, 36, 3)
+    index, center, peak = select_proposals(logits, reg, lidar2img, 16, 36)
+    assert index.shape == (2, 36) and center.shape == (2, 36, 3) and peak.shape == (2, 36)
     assert sorted(index[0].tolist()) == list(range(36))  # every token once
-    with pytest.raises(ValueError, match="cannot select 37 proposals from 36 tokens"):
-        select_proposals(logits, reg, lidar2img, 16, 37)
+    # Peaks (3x3 local maxima of each camera's best class score) come first, whatever their score.
+    num_peaks = int(peak[0].sum())
+    assert 6 <= num_peaks < 36 and peak[0, :num_peaks].all() and not peak[0, num_peaks:].any()
+
+
+def test_peaks_come_before_stronger_neighbours():
+    # One camera, one row of five tokens: an object's peak (token 2) with a strong neighbour
+    # (token 1, a near-duplicate), and a weak lone peak (token 4).
+    logits = torch.tensor([-5.0, 2.0, 3.0, -5.0, -4.0]).view(1, 1, 1, 1, 5)
+    index, _, peak = select_proposals(logits, torch.zeros(1, 1, 3, 1, 5), torch.eye(4)[None, None], 16, 5)
+    assert index[0].tolist()[:3] == [2, 4, 1]
+    assert peak[0].tolist() == [True, True, False, False, False]

@@ -126,15 +126,23 @@ def select_proposals(
         cls_logits: [B, N, C, h, w]. reg_pred: [B, N, 3, h, w]. lidar2img: [B, N, 4, 4].
         stride: pixels per token. count: how many proposals (the decoder's query count).
     Returns:
-        token index [B, count] into the camera-major keys (camera, row, column), and
-        centre [B, count, 3] in the lidar frame, metres. Both carry no gradient.
+        token index [B, count] into the camera-major keys (camera, row, column), centre
+        [B, count, 3] in the lidar frame, metres, and is_peak [B, count] bool (the token is a 3x3
+        local maximum of its camera's best class score; peaks come first). No gradient.
     """
     b, n, _, h, w = cls_logits.shape
     if count > n * h * w:
         raise ValueError(f"cannot select {count} proposals from {n * h * w} tokens ({n} cameras x {h}x{w})")
     with torch.no_grad():
-        score = cls_logits.float().amax(2).flatten(1)  # (B, N*h*w), camera-major like the keys
+        score = cls_logits.float().amax(2)  # (B, N, h, w)
+        # Local maxima first (CenterNet's 3x3 peak test): one proposal per object, ahead of its
+        # neighbours, which would be near-duplicates the decoder's one-to-one matching must then
+        # tell apart (measured: that is what held the decoder's scores back). The caller decides
+        # what to do with the non-peak slots at the end.
+        peak = F.max_pool2d(score.flatten(0, 1)[:, None], 3, 1, 1).view_as(score) == score
+        score = (score + peak * 100.0).flatten(1)  # (B, N*h*w), camera-major like the keys
         index = score.topk(count, dim=1).indices  # (B, count)
+        is_peak = peak.flatten(1).gather(1, index)  # (B, count)
         reg = reg_pred.float().permute(0, 1, 3, 4, 2).reshape(b, n * h * w, REG_CHANNELS)
         reg = reg.gather(1, index[..., None].expand(-1, -1, REG_CHANNELS))
         cam, row, col = index // (h * w), (index // w) % h, index % w
@@ -145,4 +153,4 @@ def select_proposals(
         img2lidar = torch.linalg.inv(lidar2img.double()).float()  # (B, N, 4, 4)
         matrix = img2lidar.gather(1, cam[..., None, None].expand(-1, -1, 4, 4))  # (B, count, 4, 4)
         center = (matrix @ point[..., None]).squeeze(-1)[..., :3]
-    return index, center
+    return index, center, is_peak

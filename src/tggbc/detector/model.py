@@ -226,20 +226,28 @@ class PETRDetector(nn.Module):
             DecoderInputs (see there).
         """
         feats, heatmap, regression = self.dense(images)
-        h, w = images.shape[-2:]
+        b, (h, w) = images.shape[0], images.shape[-2:]
         # The backbone learns from the dense loss only: on a from-scratch CNN and a CPU budget the
         # decoder's set loss is a noisy signal that slowed the dense head (heatmap loss 1.39 vs 0.94
         # after 400 iterations). The decoder's own input projection and position encoder still learn.
         keys = self.position(feats.detach(), lidar2img, (h, w))
-        index, center = select_proposals(heatmap, regression, lidar2img, self.config.stride, self.config.num_queries)
+        index, center, is_peak = select_proposals(
+            heatmap, regression, lidar2img, self.config.stride, self.config.num_queries
+        )
         low, high = self.decoder.pc_range[:3], self.decoder.pc_range[3:]
-        reference_points = ((center - low) / (high - low)).clamp(0.0, 1.0)
+        # Peaks become queries at their predicted centres, with their tokens' features as content;
+        # slots left over (no more peaks) fall back to PETR's learned anchors with zero content
+        # rather than to near-duplicates of the peaks.
+        is_peak = is_peak[..., None]
+        anchors = self.decoder.reference_points.weight[: index.shape[1]].expand(b, -1, -1)
+        reference_points = torch.where(is_peak, ((center - low) / (high - low)).clamp(0.0, 1.0), anchors)
         selected = keys.memory.gather(1, index[..., None].expand(-1, -1, keys.memory.shape[-1]))
+        query = torch.where(is_peak, self.query_proj(selected), 0.0)
         return DecoderInputs(
             memory=keys.memory,
             key_pos=keys.key_pos,
             key_padding_mask=keys.key_padding_mask,
-            query=self.query_proj(selected),
+            query=query,
             reference_points=reference_points,
             heatmap=heatmap,
             regression=regression,
