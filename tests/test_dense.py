@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tggbc.detector.dense import box_corners, dense_loss, dense_targets, select_proposals
+from tggbc.data.raycast import box_corners
+from tggbc.detector.dense import dense_loss, dense_targets, select_proposals
 
 # One camera looking along lidar +x: camera x = -lidar y, camera y = -lidar z, camera z = lidar x.
 # fx = fy = 100 px, principal point (88, 32) in a 176 x 64 image: an 11 x 4 token grid at stride 16.
@@ -23,9 +24,10 @@ def box(x, y, z, w=1.0, length=2.0, h=1.0, yaw=0.0):
 
 
 def test_box_corners_by_hand():
-    corners = box_corners(np.array([[1.0, 2.0, 3.0, 2.0, 4.0, 6.0, math.pi / 2]]))
+    # The corners dense_targets projects (the renderer's own box corners).
+    corners = box_corners(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0]), math.pi / 2)
     # Length 4 lies along yaw = 90 degrees, i.e. along lidar y; width 2 along -x.
-    assert np.allclose(corners[0].min(0), [0.0, 0.0, 0.0]) and np.allclose(corners[0].max(0), [2.0, 4.0, 6.0])
+    assert np.allclose(corners.min(0), [0.0, 0.0, 0.0]) and np.allclose(corners.max(0), [2.0, 4.0, 6.0])
 
 
 def test_targets_of_one_box_by_hand():

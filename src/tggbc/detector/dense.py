@@ -18,23 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.raycast import box_corners
+
 # Regression channels of the dense head: (du, dv) offset of the projected centre from the token
 # centre, in tokens, and log of the centre's depth along the camera axis, in metres.
 REG_CHANNELS = 3
 _DEPTH_WEIGHT = 2.0  # log-depth errors matter more than sub-token offsets for the 3D centre
 _MIN_SIGMA, _MAX_SIGMA = 0.5, 2.0  # Gaussian radius in tokens
 _REG_THRESHOLD = 0.2  # tokens whose Gaussian value exceeds this regress the object's centre
-
-
-def box_corners(boxes: np.ndarray) -> np.ndarray:
-    """[M, >=7] boxes (x, y, z, w, l, h, yaw, ...) -> [M, 8, 3] corners; length lies along yaw."""
-    center, (width, length, height), yaw = boxes[:, :3], boxes[:, 3:6].T, boxes[:, 6]
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
-    local = signs[None] * np.stack([length, width, height], 1)[:, None, :] / 2.0  # (M, 8, 3)
-    c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
-    x = local[..., 0] * c - local[..., 1] * s
-    y = local[..., 0] * s + local[..., 1] * c
-    return center[:, None, :] + np.stack([x, y, local[..., 2]], -1)
 
 
 def dense_targets(
@@ -67,12 +58,13 @@ def dense_targets(
     if len(boxes) == 0:
         return heat, reg, weight
     boxes = boxes.astype(np.float64)
-    points = np.concatenate([boxes[:, None, :3], box_corners(boxes)], 1)  # (M, 9, 3): centre, corners
+    corners = np.stack([box_corners(box[:3], box[3:6], box[6]) for box in boxes])  # (M, 8, 3)
+    points = np.concatenate([boxes[:, None, :3], corners], 1)  # (M, 9, 3): centre, corners
     hom = np.concatenate([points, np.ones(points.shape[:2] + (1,))], -1)
     proj = np.einsum("nij,mkj->nmki", lidar2img.astype(np.float64), hom)  # (N, M, 9, 4)
     depth = proj[..., 2]
     uv = proj[..., :2] / np.maximum(depth, 1e-3)[..., None]
-    cols, rows = np.arange(w) + 0.5, np.arange(h) + 0.5
+    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)  # (h, w) token centres, in tokens
     for cam in range(n):
         u, v, d = uv[cam, :, 0, 0], uv[cam, :, 0, 1], depth[cam, :, 0]
         inside = (d > 0.5) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
@@ -83,13 +75,13 @@ def dense_targets(
             extent = (corners.max(0) - corners.min(0)) / stride  # (2,) tokens
             sigma = float(np.clip(extent.min() / 4.0, _MIN_SIGMA, _MAX_SIGMA))
             cu, cv = u[m] / stride, v[m] / stride
-            g = np.exp(-((cols[None, :] - cu) ** 2 + (rows[:, None] - cv) ** 2) / (2 * sigma**2))  # (h, w)
+            g = np.exp(-((cols - cu) ** 2 + (rows - cv) ** 2) / (2 * sigma**2))  # (h, w)
             peak_r, peak_c = min(int(cv), h - 1), min(int(cu), w - 1)
             g[peak_r, peak_c] = 1.0
             np.maximum(heat[cam, labels[m]], g, out=heat[cam, labels[m]])
             wins = (g > _REG_THRESHOLD) & (g >= weight[cam])
-            reg[cam, 0][wins] = (cu - cols[None, :].repeat(h, 0))[wins]
-            reg[cam, 1][wins] = (cv - rows[:, None].repeat(w, 1))[wins]
+            reg[cam, 0][wins] = (cu - cols)[wins]
+            reg[cam, 1][wins] = (cv - rows)[wins]
             reg[cam, 2][wins] = np.log(d[m])
             weight[cam][wins] = g[wins]
     return heat, reg, weight
@@ -119,7 +111,7 @@ def dense_loss(
 
 def select_proposals(
     cls_logits: Tensor, reg_pred: Tensor, lidar2img: Tensor, stride: int, count: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The `count` most confident tokens and the 3D centres they predict.
 
     Args:

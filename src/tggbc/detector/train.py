@@ -109,12 +109,9 @@ def train(
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    from ..data.frames import list_frames
+    from ..data.splits import read_meta
 
-    probe = list_frames(data, "train")[:1]
-    if not probe:
-        raise ValueError(f"{data} has no train frames")
-    height, width = probe[0].read_images().shape[1:3]
+    width, height = read_meta(data)["image_size"]
     config = DetectorConfig(
         **{"num_queries": num_queries, **(config or {}), "image_width": width, "image_height": height}
     )
