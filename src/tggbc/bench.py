@@ -351,17 +351,25 @@ def format_table(name: str, preset: Preset, results: list[MethodResult], env: di
 # ------------------------------------------------------------------ command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset and what may override it (--kind, --keys, --queries, --r, --n, --k): the decoder
+    and tgGBC setting `resolve_setting` reads. Shared by `tggbc bench` and `tggbc export`."""
     from .cli import parse_r
 
-    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default streampetr)")
-    parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    parser.add_argument(
+        "--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default streampetr-v2-99-1600x640)"
+    )
     parser.add_argument("--kind", choices=["petr", "streampetr", "focalpetr"], default=None, help="host decoder")
-    parser.add_argument("--keys", type=int, default=None, help="keys per frame (overrides the preset)")
-    parser.add_argument("--queries", type=int, default=None, help="queries (default: the host's 900)")
+    parser.add_argument("--keys", type=int, default=None, help="image keys per sample (overrides the preset)")
+    parser.add_argument("--queries", type=int, default=None, help="learnable queries (default: the host's)")
     parser.add_argument("--r", type=parse_r, default=None, help="keys to drop: count, fraction or per-layer list")
     parser.add_argument("--n", type=int, default=None, help="layers that prune")
     parser.add_argument("--k", type=int, default=None, help="top-k voting queries (<= 0: all)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_setting_arguments(parser)
+    parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.add_argument(
         "--backend",
         choices=["torch", "onnxruntime", "openvino"],

@@ -22,25 +22,16 @@ FP32_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench import PRESETS
-    from ..cli import parse_r
+    from ..bench import add_setting_arguments
 
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    parser.add_argument(
-        "--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default streampetr-v2-99-1600x640)"
-    )
+    add_setting_arguments(parser)
     parser.add_argument(
         "--weights",
         default=None,
         metavar="FILE",
         help="a small-detector weights file from `tggbc train`: export its trained decoder (keys from its config)",
     )
-    parser.add_argument("--kind", choices=["petr", "streampetr", "focalpetr"], default=None, help="host decoder")
-    parser.add_argument("--keys", type=int, default=None, help="image keys per sample (overrides the preset)")
-    parser.add_argument("--queries", type=int, default=None, help="learnable queries (default: the host's)")
-    parser.add_argument("--r", type=parse_r, default=None, help="keys to drop: count, fraction or per-layer list")
-    parser.add_argument("--n", type=int, default=None, help="layers that prune")
-    parser.add_argument("--k", type=int, default=None, help="top-k voting queries (<= 0: all)")
     parser.add_argument("--dense", action="store_true", help="export without tgGBC (r = 0)")
     parser.add_argument("--batch", type=int, default=1, help="batch size the graph is built for")
     parser.add_argument("--padded", action="store_true", help="add a key_padding_mask input")
