@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tggbc.data.raycast import box_corners
-from tggbc.detector.dense import dense_loss, dense_targets, select_proposals
+from tggbc.detector.dense import GEOMETRY_CHANNELS, camera_geometry, dense_loss, dense_targets, select_proposals
 
 # One camera looking along lidar +x: camera x = -lidar y, camera y = -lidar z, camera z = lidar x.
 # fx = fy = 100 px, principal point (88, 32) in a 176 x 64 image: an 11 x 4 token grid at stride 16.
@@ -124,3 +124,41 @@ def test_peaks_come_before_stronger_neighbours():
     index, _, peak = select_proposals(logits, torch.zeros(1, 1, 3, 1, 5), torch.eye(4)[None, None], 16, 5)
     assert index[0].tolist()[:3] == [2, 4, 1]
     assert peak[0].tolist() == [True, True, False, False, False]
+
+
+def _rig_lidar2img(image_size=(352, 128)) -> torch.Tensor:
+    from tggbc.data.rig import CameraRig
+
+    rig = CameraRig.default(image_size)
+    lidar2img = []
+    for intrinsic, cam2ego in zip(rig.intrinsics, rig.cam2ego, strict=True):
+        k = np.eye(4)
+        k[:3, :3] = intrinsic
+        lidar2img.append(k @ np.linalg.inv(cam2ego) @ rig.lidar2ego)
+    return torch.from_numpy(np.stack(lidar2img))[None], rig  # (1, 6, 4, 4)
+
+
+def test_camera_geometry_against_a_slow_ray_march():
+    lidar2img, rig = _rig_lidar2img()
+    ground_z = -float(rig.lidar2ego[2, 3])  # the road, in the lidar frame
+    geometry, log_focal = camera_geometry(lidar2img, (352, 128), 16, ground_z)
+    assert geometry.shape == (1, 6, GEOMETRY_CHANNELS, 8, 22) and log_focal.shape == (1, 6)
+    # The focal ratio against the rig's own intrinsics: 1 for the 70-degree cameras, tan 35 / tan 55 for the back.
+    reference = 352 / (2 * math.tan(math.radians(35.0)))
+    assert log_focal[0].exp().numpy() == pytest.approx(rig.intrinsics[:, 0, 0] / reference, rel=1e-6)
+    assert log_focal[0, 3].exp() == pytest.approx(math.tan(math.radians(35)) / math.tan(math.radians(55)), rel=1e-6)
+    # Ground depth: march each token centre's ray in 1 cm steps until it passes below the road.
+    inverse = np.linalg.inv(lidar2img[0].numpy())
+    depths = np.arange(0.5, 200.0, 0.01)
+    for cam, row, col in [(0, 7, 11), (0, 4, 3), (3, 6, 20), (1, 5, 0), (0, 0, 11)]:
+        u, v = (col + 0.5) * 16, (row + 0.5) * 16
+        points = np.stack([u * depths, v * depths, depths, np.ones_like(depths)], 1) @ inverse[cam].T
+        below = np.flatnonzero(points[:, 2] < ground_z)
+        hits = float(geometry[0, cam, 1, row, col])
+        if len(below) == 0:  # at or above the horizon
+            assert hits == 0.0 and float(geometry[0, cam, 0, row, col]) == pytest.approx(math.log(200 / 20))
+        else:
+            assert hits == 1.0
+            ground = 20.0 * math.exp(float(geometry[0, cam, 0, row, col]))
+            assert ground == pytest.approx(depths[below[0]], abs=0.011)
+    assert (geometry[0, :, 2] == log_focal[0, :, None, None]).all()

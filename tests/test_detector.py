@@ -170,3 +170,42 @@ def test_detector_rejects_wrong_image_size():
     model = PETRDetector(DetectorConfig(**TINY))
     with pytest.raises(ValueError, match="176x64"):
         model(torch.zeros(1, 6, 3, 64, 100, dtype=torch.uint8), torch.eye(4).expand(1, 6, 4, 4))
+
+
+def test_depth_is_regressed_for_a_reference_camera():
+    """A head that cannot tell cameras apart predicts the same normalised depth for the same pixels;
+    each camera's depth is then that, scaled by its focal length (the same object looks smaller
+    through a wider lens)."""
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY)).eval()
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    focal = torch.tensor([80.0, 80.0, 40.0, 160.0, 80.0, 80.0])
+    lidar2img[0, :, 0, 0] = lidar2img[0, :, 1, 1] = focal
+    images = torch.randint(0, 255, (1, 1, 3, 64, 176), dtype=torch.uint8).expand(1, 6, 3, 64, 176)
+    with torch.no_grad():
+        _, heatmap, regression = model.dense(images, lidar2img)
+    assert (heatmap == heatmap[:, :1]).all()  # the geometry convs start at zero
+    shift = regression[0, :, 2] - regression[0, :1, 2]  # (6, h, w) log depth relative to camera 0
+    torch.testing.assert_close(shift, (focal / 80.0).log()[:, None, None].expand_as(shift))
+    with pytest.raises(ValueError, match=r"lidar2img must be \[B, N, 4, 4\]"):
+        model.dense(images, lidar2img[:, :5])
+
+
+def test_warm_start_keeps_matching_tensors_and_refuses_another_architecture(tmp_path):
+    from tggbc.detector.train import warm_start
+
+    torch.manual_seed(0)
+    source = PETRDetector(DetectorConfig(**TINY))
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.reg_geometry")}
+    torch.save({"model": state}, tmp_path / "checkpoint.pt")
+    target = PETRDetector(DetectorConfig(**TINY))
+    fresh = warm_start(target, tmp_path / "checkpoint.pt")
+    assert fresh == ["head.reg_geometry.bias", "head.reg_geometry.weight"]
+    for name, t in state.items():
+        assert torch.equal(target.state_dict()[name], t), name
+    weights = tmp_path / "w.safetensors"
+    save_detector(source, weights)
+    assert warm_start(PETRDetector(DetectorConfig(**TINY)), weights) == []
+    wider = PETRDetector(DetectorConfig(**dict(TINY, embed_dims=64)))
+    with pytest.raises(ValueError, match="does not fit this detector.*file"):
+        warm_start(wider, tmp_path / "checkpoint.pt")

@@ -13,6 +13,8 @@ Shape letters: B batch, N cameras, C classes, h, w token grid, M boxes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,60 @@ REG_CHANNELS = 3
 _DEPTH_WEIGHT = 2.0  # log-depth errors matter more than sub-token offsets for the 3D centre
 _MIN_SIGMA, _MAX_SIGMA = 0.5, 2.0  # Gaussian radius in tokens
 _REG_THRESHOLD = 0.2  # tokens whose Gaussian value exceeds this regress the object's centre
+
+
+# What the head is told about each token's camera ray (the calibration PETR gives its keys too):
+# the log depth at which the ray meets the ground plane (tokens above the horizon get the cap),
+# whether it meets it at all, and the camera's log focal ratio (below). On a flat road the first is
+# the depth of whatever stands at that pixel up to a class-dependent factor: a cue a small CNN
+# cannot read off the pixels, because convolutions do not know where in the image they are.
+GEOMETRY_CHANNELS = 3
+_GROUND_DEPTH_CAP = 200.0  # metres
+# Depth is regressed as a 70-degree camera at the same image width would see it (five of the six
+# nuScenes cameras): the same car looks half as large in the 110-degree back camera, and a head that
+# shares weights across cameras cannot tell which one it is looking through.
+_REFERENCE_FOV_DEG = 70.0
+
+
+def camera_geometry(
+    lidar2img: Tensor, image_size: tuple[int, int], stride: int, ground_z: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token camera-ray features and per-camera focal ratios.
+
+    Args:
+        lidar2img: [B, N, 4, 4] = K @ lidar2cam with K = [[f, 0, cu], [0, f, cv], [0, 0, 1]].
+        image_size: (W, H) pixels. stride: pixels per token. ground_z: the road's height in the
+            lidar frame, metres.
+    Returns:
+        geometry [B, N, GEOMETRY_CHANNELS, h, w] float32 (log ground depth relative to 20 m, 1 where
+        the ray meets the ground, log focal ratio), log_focal_ratio [B, N] float32: log(f / f_ref),
+        f_ref the focal of a 70-degree camera at this image width.
+    """
+    width, height = image_size
+    h, w = height // stride, width // stride
+    matrix = lidar2img[..., :3, :3].double()  # (B, N, 3, 3) = K R
+    # K R R^T K^T = K K^T: its (1, 1) entry is f^2 + cv^2 and its (1, 2) entry is cv.
+    gram = matrix @ matrix.transpose(-1, -2)
+    focal = (gram[..., 1, 1] - gram[..., 1, 2] ** 2).clamp_min(1e-6).sqrt()  # (B, N)
+    reference = width / (2.0 * math.tan(math.radians(_REFERENCE_FOV_DEG) / 2.0))
+    log_focal = (focal / reference).log()
+    inverse = torch.linalg.inv(matrix)
+    origin = -(inverse @ lidar2img[..., :3, 3:].double()).squeeze(-1)  # (B, N, 3) camera centre, lidar frame
+    rows, cols = torch.meshgrid(
+        (torch.arange(h, dtype=torch.float64, device=lidar2img.device) + 0.5) * stride,
+        (torch.arange(w, dtype=torch.float64, device=lidar2img.device) + 0.5) * stride,
+        indexing="ij",
+    )
+    pixels = torch.stack([cols, rows, torch.ones_like(cols)], 0).flatten(1)  # (3, h*w)
+    ray_z = (inverse @ pixels)[..., 2, :]  # (B, N, h*w): z of the ray scaled to unit camera depth
+    # origin_z + depth * ray_z = ground_z; the depth along the optical axis is the ray's scale.
+    ground_depth = (ground_z - origin[..., 2:3]) / ray_z
+    hits = (ground_depth > 0) & (ray_z < 0)
+    ground_depth = torch.where(hits, ground_depth.clamp(1.0, _GROUND_DEPTH_CAP), _GROUND_DEPTH_CAP)
+    features = torch.stack(
+        [(ground_depth / 20.0).log(), hits.double(), log_focal[..., None].expand_as(ground_depth)], 2
+    )  # (B, N, 3, h*w)
+    return features.view(*features.shape[:3], h, w).float(), log_focal.float()
 
 
 def dense_targets(

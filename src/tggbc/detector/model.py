@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..models.petr import PETRDecoder
 from ..models.position import PETRPositionEmbedding
 from ..pruner import KeyPruner
-from .dense import REG_CHANNELS, select_proposals
+from .dense import GEOMETRY_CHANNELS, REG_CHANNELS, camera_geometry, select_proposals
 from .loss import decode_boxes
 
 
@@ -34,6 +34,7 @@ class DetectorConfig:
     backbone_channels: tuple[int, ...] = (32, 64, 128, 224)  # stem + three stages, stride 16
     backbone_blocks: tuple[int, ...] = (1, 1, 2)  # basic blocks per stage after the stem
     head_channels: int = 64  # hidden width of the dense token head
+    ground_z: float = -1.84  # the road's height in the lidar frame (nuScenes' LIDAR_TOP is 1.84 m up)
     max_detections: int = 300
     dropout: float = 0.0  # no dropout: synthetic data is plentiful, and CPU dropout masks cost more than the layers
 
@@ -107,8 +108,9 @@ class Backbone(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """Backbone features [B*N, C_in, h, w] -> per-token class logits [B*N, C, h, w] and
-    regression [B*N, 3, h, w] (centre offset in tokens, log depth); see `dense.py`."""
+    """Backbone features [B*N, C_in, h, w] and camera geometry [B*N, G, h, w] -> per-token class
+    logits [B*N, C, h, w] and regression [B*N, 3, h, w] (centre offset in tokens, log depth as a
+    70-degree camera would see it); see `dense.py`."""
 
     def __init__(self, in_channels: int, hidden: int, num_classes: int):
         super().__init__()
@@ -120,13 +122,24 @@ class DenseHead(nn.Module):
 
         self.cls = branch(num_classes)
         self.reg = branch(REG_CHANNELS)
+        # The geometry enters each branch's hidden layer through a 1x1 conv (the same as stacking it
+        # onto the features), zero at start: a head trained without it starts where it left off.
+        self.cls_geometry = nn.Conv2d(GEOMETRY_CHANNELS, hidden, 1)
+        self.reg_geometry = nn.Conv2d(GEOMETRY_CHANNELS, hidden, 1)
+        for conv in (self.cls_geometry, self.reg_geometry):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls[-1].bias, -2.19)  # CenterNet's prior: p = 0.1 everywhere at start
         nn.init.zeros_(self.reg[-1].weight)
         with torch.no_grad():
             self.reg[-1].bias.copy_(torch.tensor([0.0, 0.0, math.log(20.0)]))  # centre of the cell, 20 m away
 
-    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cls(feats), self.reg(feats)
+    def forward(self, feats: Tensor, geometry: Tensor) -> tuple[Tensor, Tensor]:
+        def run(branch: nn.Sequential, extra: nn.Conv2d) -> Tensor:
+            conv, relu, out = branch
+            return out(relu(conv(feats) + extra(geometry)))
+
+        return run(self.cls, self.cls_geometry), run(self.reg, self.reg_geometry)
 
 
 class DecoderInputs(NamedTuple):
@@ -195,13 +208,15 @@ class PETRDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
-    def dense(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def dense(self, images: Tensor, lidar2img: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Backbone and dense token head.
 
         Args:
             images: [B, N, 3, H, W] uint8 or float in [0, 1].
+            lidar2img: [B, N, 4, 4].
         Returns:
-            features [B, N, C_b, h, w], heatmap logits [B, N, C, h, w], regression [B, N, 3, h, w].
+            features [B, N, C_b, h, w], heatmap logits [B, N, C, h, w], regression [B, N, 3, h, w]
+            (offsets in tokens, log depth in metres of each camera's own depth).
         """
         b, n, _, h, w = images.shape
         if (w, h) != (self.config.image_width, self.config.image_height):
@@ -212,9 +227,15 @@ class PETRDetector(nn.Module):
         x = images.flatten(0, 1)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = (x - self.mean) / self.std
+        if lidar2img.shape != (b, n, 4, 4):
+            raise ValueError(f"lidar2img must be [B, N, 4, 4] = {[b, n, 4, 4]}, got {list(lidar2img.shape)}")
         feats = self.backbone(x.to(self.mean.dtype))
-        heatmap, regression = self.head(feats)
-        return tuple(t.view(b, n, *t.shape[1:]) for t in (feats, heatmap, regression))
+        geometry, log_focal = camera_geometry(lidar2img, (w, h), self.config.stride, self.config.ground_z)
+        heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype))
+        feats, heatmap, regression = (t.view(b, n, *t.shape[1:]) for t in (feats, heatmap, regression))
+        # Back from the 70-degree reference camera to each camera's own depth.
+        depth = regression[:, :, 2:] + log_focal.to(regression.dtype)[:, :, None, None, None]
+        return feats, heatmap, torch.cat([regression[:, :, :2], depth], 2)
 
     def inputs(self, images: Tensor, lidar2img: Tensor) -> DecoderInputs:
         """Everything the decoder reads for a batch of frames: keys, and queries chosen from them.
@@ -225,7 +246,7 @@ class PETRDetector(nn.Module):
         Returns:
             DecoderInputs (see there).
         """
-        feats, heatmap, regression = self.dense(images)
+        feats, heatmap, regression = self.dense(images, lidar2img)
         b, (h, w) = images.shape[0], images.shape[-2:]
         # The backbone learns from the dense loss only: on a from-scratch CNN and a CPU budget the
         # decoder's set loss is a noisy signal that slowed the dense head (heatmap loss 1.39 vs 0.94

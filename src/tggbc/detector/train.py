@@ -71,6 +71,36 @@ class FrameSet:
         return self.images.shape[-1], self.images.shape[-2]
 
 
+def warm_start(model: PETRDetector, path: str | Path) -> list[str]:
+    """Copy into `model` every tensor of a checkpoint.pt or weights file that it has under the same
+    name and shape (as float32); the rest keep their initialisation. Returns the names of those.
+
+    Refuses a file sharing no tensor with the model, or one whose shared tensors have other shapes
+    (another architecture, not an older version of this one).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        from .weights import read_metadata
+
+        read_metadata(path)  # a tggbc detector file, or a clear error
+        tensors = load_file(str(path))
+    else:
+        tensors = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    expected = model.state_dict()
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    shared = [k for k in tensors if k in expected]
+    if wrong or not shared:
+        raise ValueError(f"{path} does not fit this detector: {wrong[:3] or 'no tensor in common'}")
+    model.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in shared}, strict=False)
+    return sorted(set(expected) - set(shared))
+
+
 def learning_rate(iteration: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 1% of base."""
     if iteration < warmup:
@@ -96,11 +126,13 @@ def train(
     seed: int = 0,
     num_queries: int = 300,
     config: dict | None = None,
+    init: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Train; returns the checkpoint path. See the module docstring.
 
-    The image size comes from the data; `config` may set other DetectorConfig fields.
+    The image size comes from the data; `config` may set other DetectorConfig fields. `init`
+    starts a new run from another run's tensors (see `warm_start`); ignored when resuming.
     """
     if not 0 <= dense_iterations < iterations:
         raise ValueError(f"dense_iterations must lie in [0, iterations={iterations}), got {dense_iterations}")
@@ -130,6 +162,9 @@ def train(
         weight_decay=weight_decay,
     )
     start, generator = 0, torch.Generator().manual_seed(seed)
+    if init is not None and not (resume and checkpoint_path.exists()):
+        fresh = warm_start(model, init)
+        print(f"started from {init}; {len(fresh)} tensors new: {', '.join(fresh) or 'none'}")
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if DetectorConfig.from_dict(state["config"]) != config:
@@ -183,7 +218,7 @@ def train(
                 output = model.decode(inputs)
                 loss, parts = detection_loss(output.cls_scores, output.bbox_preds, labels, targets, loss_cfg)
             else:  # the dense head alone: 2.5x cheaper per iteration
-                _, heatmap, regression = model.dense(images)
+                _, heatmap, regression = model.dense(images, lidar2img)
                 loss, parts = heatmap.new_zeros(()), {"cls": float("nan"), "box": float("nan")}
             heat_loss, reg_loss = dense_loss(
                 heatmap,
@@ -241,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=250)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument(
+        "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--weights", default=None, help="also write the final model here (safetensors, float16)")
@@ -267,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         num_queries=args.queries,
+        init=args.init,
         progress=not args.quiet,
     )
     print(f"checkpoint: {path}")
