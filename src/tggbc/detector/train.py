@@ -78,22 +78,15 @@ def warm_start(model: PETRDetector, path: str | Path) -> list[str]:
     Refuses a file sharing no tensor with the model, or one whose shared tensors have other shapes
     (another architecture, not an older version of this one).
     """
+    from .weights import read_tensors, shape_mismatches
+
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from .weights import read_metadata
-
-        read_metadata(path)  # a tggbc detector file, or a clear error
-        tensors = load_file(str(path))
+        tensors = read_tensors(path)[1]
     else:
         tensors = torch.load(path, map_location="cpu", weights_only=False)["model"]
     expected = model.state_dict()
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in tensors.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    wrong = shape_mismatches(tensors, expected)
     shared = [k for k in tensors if k in expected]
     if wrong or not shared:
         raise ValueError(f"{path} does not fit this detector: {wrong[:3] or 'no tensor in common'}")

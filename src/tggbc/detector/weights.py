@@ -48,25 +48,36 @@ def read_metadata(path: str | Path) -> dict:
     return metadata
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> PETRDetector:
-    """Build the detector a weights file describes and load its tensors (as float32)."""
+def read_tensors(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header metadata and the tensors of a tggbc detector file, or a clear error."""
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
-    config = DetectorConfig.from_dict(json.loads(metadata["config"]))
-    model = PETRDetector(config)
     try:
         tensors = load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: cannot read its tensors ({e}); the file is damaged") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
+    return metadata, tensors
+
+
+def shape_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """'name: file (shape) vs model (shape)' for every tensor both hold with different shapes, sorted."""
+    return sorted(
         f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
         for name in set(expected) & set(tensors)
         if tensors[name].shape != expected[name].shape
     )
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> PETRDetector:
+    """Build the detector a weights file describes and load its tensors (as float32)."""
+    metadata, tensors = read_tensors(path)
+    config = DetectorConfig.from_dict(json.loads(metadata["config"]))
+    model = PETRDetector(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = shape_mismatches(tensors, expected)
     if missing or unexpected or wrong:
         parts = []
         if missing:
