@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("tggbc.data.cli", "generate synthetic six-camera driving scenes in nuScenes format"),
     "train": ("tggbc.detector.train", "train the small PETR-style detector on generated scenes"),
     "eval": ("tggbc.detector.evaluate", "nuScenes mAP/NDS of a detector, dense and with tgGBC"),
+    "bound": (
+        "tggbc.detector.bound",
+        "mAP ceiling when depth is read from pixels to a given precision, vs a submission",
+    ),
     "export": ("tggbc.export.cli", "export a tgGBC-pruned decoder to ONNX"),
     "demo": ("tggbc.demo", "the main job: accuracy and speed of tgGBC, with plots"),
 }
