@@ -260,7 +260,7 @@ def bound(dataroot, out_dir, pixels=(0.0, 0.25, 0.5, 1.0), submission=None, seed
 
     from ..data.frames import list_frames
     from ..data.splits import read_meta
-    from .evaluate import nuscenes_metrics
+    from .evaluate import SUBMISSION_META, nuscenes_metrics
 
     pixels = [float(p) for p in pixels]
     if any(p < 0 for p in pixels):
@@ -271,7 +271,6 @@ def bound(dataroot, out_dir, pixels=(0.0, 0.25, 0.5, 1.0), submission=None, seed
     image_size = tuple(read_meta(dataroot)["image_size"])
     class_range = config_factory("detection_cvpr_2019").class_range
     out_dir = Path(out_dir)
-    meta = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
     jobs = [("oracle", f"ideal, {p:g} px", p) for p in pixels]
     if submission is not None:
         jobs.append(("submission", Path(submission).stem, None))
@@ -282,18 +281,12 @@ def bound(dataroot, out_dir, pixels=(0.0, 0.25, 0.5, 1.0), submission=None, seed
     rows, nusc = [], None
     for kind, name, sigma in jobs:
         if kind == "oracle":
-            results = oracle_submission(frames, image_size, sigma, seed)
-            path = write_json_atomic(out_dir / f"results_ideal_{sigma:g}px.json", {"meta": meta, "results": results})
+            results, file_name = oracle_submission(frames, image_size, sigma, seed), f"results_ideal_{sigma:g}px.json"
         else:
-            path = Path(submission)
-            with open(path) as f:
-                results = json.load(f)["results"]
-        # The devkit writes its metrics beside the submission: score a copy inside out_dir.
-        scored = (
-            path
-            if kind == "oracle"
-            else write_json_atomic(out_dir / "results_submission.json", {"meta": meta, "results": results})
-        )
+            with open(submission) as f:
+                results, file_name = json.load(f)["results"], "results_submission.json"
+        # Scored from a file in out_dir: the devkit writes its metric files beside the submission.
+        scored = write_json_atomic(out_dir / file_name, {"meta": SUBMISSION_META, "results": results})
         summary, nusc = nuscenes_metrics(dataroot, scored, nusc)
         rows.append(
             {

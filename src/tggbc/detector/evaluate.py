@@ -35,6 +35,10 @@ _MOVING = {
 }
 
 
+# The submission header of a camera-only method.
+SUBMISSION_META = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
+
+
 @dataclass
 class Setting:
     """One decoder configuration to evaluate; r None = dense."""
@@ -176,11 +180,10 @@ def evaluate(
                 submissions[s.name][frame.sample_token] = to_submission_boxes(det, frame)
     model.decoder.pruner = None
 
-    meta = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
     results, nusc = [], None
     for s in settings:
         path = out_dir / f"results_{s.name}.json"
-        write_json_atomic(path, {"meta": meta, "results": submissions[s.name]})
+        write_json_atomic(path, {"meta": SUBMISSION_META, "results": submissions[s.name]})
         if max_frames is not None:
             # The devkit scores whole splits only: on a subset, only latency and keys are meaningful.
             summary = None
