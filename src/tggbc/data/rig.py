@@ -18,7 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
-from tggbc.data.transforms import make_transform
+from tggbc.data.transforms import make_transform, project_points
 
 # Clockwise around the car starting at the front, as in the nuScenes sensor layout.
 CAMERA_NAMES: tuple[str, ...] = (
@@ -144,8 +144,4 @@ class CameraRig:
             uv: [6, N, 2] image coordinates (u right, v down); meaningless where depth <= 0.
             depth: [6, N] camera-frame depth.
         """
-        homogeneous = np.concatenate([points_ego, np.ones((len(points_ego), 1))], axis=1)
-        projected = np.einsum("cij,nj->cni", self.ego2img(), homogeneous)  # (6, N, 4)
-        depth = projected[..., 2]
-        uv = projected[..., :2] / np.where(np.abs(depth) < 1e-9, 1e-9, depth)[..., None]
-        return uv, depth
+        return project_points(points_ego, self.ego2img())

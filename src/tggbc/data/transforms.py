@@ -73,3 +73,29 @@ def rotate_2d(xy: np.ndarray, angle: float) -> np.ndarray:
     """Rotate points [..., 2] counter-clockwise by `angle` radians."""
     c, s = np.cos(angle), np.sin(angle)
     return np.stack([c * xy[..., 0] - s * xy[..., 1], s * xy[..., 0] + c * xy[..., 1]], axis=-1)
+
+
+def project_points(points: np.ndarray, projection: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project points through every camera.
+
+    Args:
+        points: [..., 3] in the frame the projections start from (ego or lidar).
+        projection: [N, 4, 4] = K (padded to 4x4) @ that-frame-to-camera.
+    Returns:
+        uv: [N, ..., 2] image coordinates (u right, v down); meaningless where depth <= 0.
+        depth: [N, ...] camera-frame depth.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    homogeneous = np.concatenate([points, np.ones(points.shape[:-1] + (1,))], axis=-1)
+    projected = np.einsum("nij,...j->n...i", np.asarray(projection, dtype=np.float64), homogeneous)
+    depth = projected[..., 2]
+    uv = projected[..., :2] / np.where(np.abs(depth) < 1e-9, 1e-9, depth)[..., None]
+    return uv, depth
+
+
+def in_image(uv: np.ndarray, depth: np.ndarray, image_size: tuple[int, int], min_depth: float = 0.5) -> np.ndarray:
+    """Where projected points (see `project_points`) land inside a (W, H) image, at least
+    `min_depth` metres in front of the camera: the rule for which camera sees an object's centre."""
+    width, height = image_size
+    u, v = uv[..., 0], uv[..., 1]
+    return (depth > min_depth) & (u >= 0) & (u < width) & (v >= 0) & (v < height)

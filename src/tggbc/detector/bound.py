@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..data.classes import DETECTION_CLASSES
+from ..data.transforms import in_image, project_points
 from ..files import write_json_atomic
 from .model import Detections
 
@@ -77,14 +78,11 @@ def viewing_camera(
     Returns:
         camera [M] int (-1: no camera images the centre), depth [M] metres along that camera's axis.
     """
-    width, height = image_size
-    points = np.concatenate([centers, np.ones((len(centers), 1))], 1)
-    projected = np.einsum("nij,mj->nmi", lidar2img.astype(np.float64), points)  # (N, M, 4)
-    depth = projected[..., 2]
-    safe = np.where(depth > 1e-6, depth, 1.0)
-    u, v = projected[..., 0] / safe, projected[..., 1] / safe
-    inside = (depth > 0.5) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    off_centre = np.where(inside, np.abs(u - width / 2), np.inf)
+    uv, depth = project_points(centers, lidar2img)  # (N, M, 2), (N, M)
+    # The dense head's rule for which camera sees a centre (dense_targets), so the idealised
+    # detector sees exactly the objects the model is trained to find.
+    inside = in_image(uv, depth, image_size)
+    off_centre = np.where(inside, np.abs(uv[..., 0] - image_size[0] / 2), np.inf)
     camera = off_centre.argmin(0)
     seen = inside.any(0)
     return np.where(seen, camera, -1), np.where(seen, depth[camera, np.arange(len(centers))], np.nan)
@@ -175,8 +173,10 @@ def match_radial_errors(
     return errors
 
 
-def _ego_xy(points: np.ndarray, global2ego: np.ndarray) -> np.ndarray:
-    return (points @ global2ego[:3, :3].T + global2ego[:3, 3])[:, :2]
+def _xy(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """xy of points [M, 3] after a rigid transform [4, 4]: [M, 2]."""
+    transform = np.asarray(transform, dtype=np.float64)
+    return (np.asarray(points, dtype=np.float64) @ transform[:3, :3].T + transform[:3, 3])[:, :2]
 
 
 def radial_error_by_distance(frames, submission: dict, class_range: dict[str, float]) -> dict:
@@ -192,15 +192,14 @@ def radial_error_by_distance(frames, submission: dict, class_range: dict[str, fl
     distances, errors = [], []
     for frame in frames:
         global2ego = np.linalg.inv(frame.ego2global)
-        lidar2ego = frame.lidar2ego.astype(np.float64)
         valid = np.flatnonzero(frame.gt_valid)
-        gt_xy = (frame.gt_boxes[valid, :3].astype(np.float64) @ lidar2ego[:3, :3].T + lidar2ego[:3, 3])[:, :2]
+        gt_xy = _xy(frame.lidar2ego, frame.gt_boxes[valid, :3])
         gt_names = [DETECTION_CLASSES[i] for i in frame.gt_labels[valid]]
         keep = np.array([np.linalg.norm(xy) < class_range[n] for xy, n in zip(gt_xy, gt_names, strict=True)], bool)
         gt_xy, gt_labels = gt_xy[keep], np.array(gt_names, dtype=object)[keep]
         boxes = submission.get(frame.sample_token, [])
         if boxes:
-            pred_xy = _ego_xy(np.array([b["translation"] for b in boxes], np.float64), global2ego)
+            pred_xy = _xy(global2ego, [b["translation"] for b in boxes])
             pred_labels = np.array([b["detection_name"] for b in boxes], dtype=object)
             in_range = np.linalg.norm(pred_xy, axis=1) < np.array([class_range[n] for n in pred_labels])
             pred_scores = np.array([b["detection_score"] for b in boxes], np.float64)

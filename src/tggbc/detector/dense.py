@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.raycast import box_corners
+from ..data.transforms import in_image, project_points
 
 # Regression channels of the dense head: (du, dv) offset of the projected centre from the token
 # centre, in tokens, and log of the centre's depth along the camera axis, in metres.
@@ -116,14 +117,11 @@ def dense_targets(
     boxes = boxes.astype(np.float64)
     corners = np.stack([box_corners(box[:3], box[3:6], box[6]) for box in boxes])  # (M, 8, 3)
     points = np.concatenate([boxes[:, None, :3], corners], 1)  # (M, 9, 3): centre, corners
-    hom = np.concatenate([points, np.ones(points.shape[:2] + (1,))], -1)
-    proj = np.einsum("nij,mkj->nmki", lidar2img.astype(np.float64), hom)  # (N, M, 9, 4)
-    depth = proj[..., 2]
-    uv = proj[..., :2] / np.maximum(depth, 1e-3)[..., None]
+    uv, depth = project_points(points, lidar2img)  # (N, M, 9, 2), (N, M, 9)
     cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)  # (h, w) token centres, in tokens
     for cam in range(n):
         u, v, d = uv[cam, :, 0, 0], uv[cam, :, 0, 1], depth[cam, :, 0]
-        inside = (d > 0.5) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+        inside = in_image(uv[cam, :, 0], d, image_size)
         # Far objects first so that nearer ones overwrite them where the Gaussians tie.
         for m in sorted(np.flatnonzero(inside), key=lambda i: -d[i]):
             front = depth[cam, m, 1:] > 0.1
