@@ -155,10 +155,11 @@ def train(
         weight_decay=weight_decay,
     )
     start, generator = 0, torch.Generator().manual_seed(seed)
-    if init is not None and not (resume and checkpoint_path.exists()):
+    resuming = resume and checkpoint_path.exists()
+    if init is not None and not resuming:
         fresh = warm_start(model, init)
         print(f"started from {init}; {len(fresh)} tensors new: {', '.join(fresh) or 'none'}")
-    if resume and checkpoint_path.exists():
+    if resuming:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if DetectorConfig.from_dict(state["config"]) != config:
             raise ValueError(f"{checkpoint_path} was trained with another config: {state['config']}")
