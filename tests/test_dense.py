@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tggbc.data.raycast import box_corners
-from tggbc.detector.dense import GEOMETRY_CHANNELS, camera_geometry, dense_loss, dense_targets, select_proposals
+from tggbc.detector.dense import (
+    GEOMETRY_CHANNELS,
+    camera_geometry,
+    dense_loss,
+    dense_targets,
+    key_index,
+    select_proposals,
+)
 
 # One camera looking along lidar +x: camera x = -lidar y, camera y = -lidar z, camera z = lidar x.
 # fx = fy = 100 px, principal point (88, 32) in a 176 x 64 image: an 11 x 4 token grid at stride 16.
@@ -124,6 +131,16 @@ def test_peaks_come_before_stronger_neighbours():
     index, _, peak = select_proposals(logits, torch.zeros(1, 1, 3, 1, 5), torch.eye(4)[None, None], 16, 5)
     assert index[0].tolist()[:3] == [2, 4, 1]
     assert peak[0].tolist() == [True, True, False, False, False]
+
+
+def test_key_index_maps_fine_cells_to_their_keys_by_hand():
+    # Two cameras, a 4 x 6 head grid under a 2 x 3 key grid (stride 8 under stride 16).
+    cell = torch.tensor([[0, 7, 1 * 24 + 3 * 6 + 5, 1 * 24 + 2 * 6 + 2]])
+    # cell 7 = camera 0, row 1, column 1 -> key (0, 0, 0); (1, 3, 5) -> key 6 + 1*3 + 2; (1, 2, 2) -> 6 + 3 + 1
+    assert key_index(cell, (4, 6), 2).tolist() == [[0, 0, 11, 10]]
+    assert key_index(cell, (4, 6), 1) is cell
+    # An odd grid: the last row of cells belongs to the last row of keys.
+    assert key_index(torch.tensor([[4 * 6]]), (5, 6), 2).tolist() == [[1 * 3]]
 
 
 def _rig_lidar2img(image_size=(352, 128)) -> torch.Tensor:

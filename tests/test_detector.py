@@ -209,3 +209,55 @@ def test_warm_start_keeps_matching_tensors_and_refuses_another_architecture(tmp_
     wider = PETRDetector(DetectorConfig(**dict(TINY, embed_dims=64)))
     with pytest.raises(ValueError, match="does not fit this detector.*file"):
         warm_start(wider, tmp_path / "checkpoint.pt")
+
+
+def test_fine_head_runs_on_a_grid_twice_as_fine_and_starts_from_a_coarse_head(tmp_path):
+    from tggbc.detector.dense import key_index, select_proposals
+    from tggbc.detector.train import warm_start
+
+    torch.manual_seed(0)
+    coarse = PETRDetector(DetectorConfig(**TINY))
+    save_detector(coarse, tmp_path / "coarse.safetensors", dtype=torch.float32)
+    fine = PETRDetector(DetectorConfig(**TINY, fine_head=True))
+    assert fine.config.head_stride == 8 and fine.config.num_keys == coarse.config.num_keys
+    # Everything but the lateral conv carries over from a coarse-head model.
+    assert warm_start(fine, tmp_path / "coarse.safetensors") == ["head.lateral.bias", "head.lateral.weight"]
+
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    lidar2img[..., 0, 0] = lidar2img[..., 1, 1] = 80.0
+    lidar2img[..., 0, 2], lidar2img[..., 1, 2] = 88.0, 32.0
+    images = torch.randint(0, 255, (1, 6, 3, 64, 176), dtype=torch.uint8)
+    fine.eval()
+    with torch.no_grad():
+        inputs = fine.inputs(images, lidar2img)
+        assert inputs.heatmap.shape == (1, 6, 10, 8, 22) and inputs.memory.shape[1] == 6 * 4 * 11
+        # With the lateral at zero, the fine head is the coarse head on bilinearly upsampled features.
+        x = (images.flatten(0, 1).float() / 255.0 - fine.mean) / fine.std
+        feats = fine.backbone(x)[-1]
+        up = torch.nn.functional.interpolate(feats, scale_factor=2, mode="bilinear", align_corners=False)
+        geometry = camera_geometry_of(lidar2img, 8)
+        conv, relu, out = fine.head.cls
+        heat = out(relu(conv(up) + fine.head.cls_geometry(geometry)))
+        torch.testing.assert_close(inputs.heatmap.flatten(0, 1), heat)
+        # Each query's key is the stride-16 token that holds its stride-8 cell.
+        cell, _, _ = select_proposals(inputs.heatmap, inputs.regression, lidar2img, 8, fine.config.num_queries)
+        assert torch.equal(inputs.proposals, key_index(cell, (8, 22), 2))
+        rows, cols = (cell // 22) % 8, cell % 22
+        assert torch.equal(inputs.proposals % 44, (rows // 2) * 11 + cols // 2)
+
+
+def camera_geometry_of(lidar2img, stride):
+    from tggbc.detector.dense import camera_geometry
+
+    return camera_geometry(lidar2img, (176, 64), stride, DetectorConfig().ground_z)[0].flatten(0, 1)
+
+
+def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):
+    tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
+    ckpt = train(
+        dataset, tmp_path / "run", iterations=2, batch=1, warmup=1, config=dict(tiny, fine_head=True), progress=False
+    )
+    state = torch.load(ckpt, weights_only=False)
+    assert state["config"]["fine_head"] is True and "head.lateral.weight" in state["model"]
+    # The lateral conv learned from the dense loss (it started at zero).
+    assert state["model"]["head.lateral.weight"].abs().sum() > 0

@@ -200,3 +200,21 @@ def select_proposals(
         matrix = img2lidar.gather(1, cam[..., None, None].expand(-1, -1, 4, 4))  # (B, count, 4, 4)
         center = (matrix @ point[..., None]).squeeze(-1)[..., :3]
     return index, center, is_peak
+
+
+def key_index(cell: Tensor, grid: tuple[int, int], factor: int) -> Tensor:
+    """Camera-major cell indices of a head grid -> the indices of the keys that hold those cells.
+
+    Args:
+        cell: [B, Q] long, index into (camera, row, column) of a head grid of `grid` = (h', w') cells.
+        grid: (h', w'). factor: head cells per key along each axis (1, or 2 for a stride-8 head
+            under stride-16 keys).
+    Returns:
+        [B, Q] long index into the keys' (camera, row, column) grid of (h' // factor, w' // factor).
+    """
+    if factor == 1:
+        return cell
+    rows, cols = grid
+    h, w = rows // factor, cols // factor
+    cam, row, col = cell // (rows * cols), (cell // cols) % rows, cell % cols
+    return cam * (h * w) + (row // factor).clamp(max=h - 1) * w + (col // factor).clamp(max=w - 1)

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.petr import PETRDecoder
 from ..models.position import PETRPositionEmbedding
 from ..pruner import KeyPruner
-from .dense import GEOMETRY_CHANNELS, REG_CHANNELS, camera_geometry, select_proposals
+from .dense import GEOMETRY_CHANNELS, REG_CHANNELS, camera_geometry, key_index, select_proposals
 from .loss import decode_boxes
 
 
@@ -34,6 +35,9 @@ class DetectorConfig:
     backbone_channels: tuple[int, ...] = (32, 64, 128, 224)  # stem + three stages, stride 16
     backbone_blocks: tuple[int, ...] = (1, 1, 2)  # basic blocks per stage after the stem
     head_channels: int = 64  # hidden width of the dense token head
+    # The dense head on a grid twice as fine as the keys' (stride 8 under stride-16 keys), from the
+    # backbone's second-last stage plus the upsampled last one: far objects are a few pixels wide.
+    fine_head: bool = False
     ground_z: float = -1.84  # the road's height in the lidar frame (nuScenes' LIDAR_TOP is 1.84 m up)
     max_detections: int = 300
     dropout: float = 0.0  # no dropout: synthetic data is plentiful, and CPU dropout masks cost more than the layers
@@ -41,6 +45,11 @@ class DetectorConfig:
     @property
     def stride(self) -> int:
         return 2 ** len(self.backbone_channels)
+
+    @property
+    def head_stride(self) -> int:
+        """Pixels per cell of the dense head's grid."""
+        return self.stride // 2 if self.fine_head else self.stride
 
     @property
     def num_keys(self) -> int:
@@ -103,17 +112,32 @@ class Backbone(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.out_channels = cin
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.stages(x)
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every stage's output, finest first: [B*N, C_s, H / 2^(s+1), W / 2^(s+1)] for stage s."""
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
 
 
 class DenseHead(nn.Module):
-    """Backbone features [B*N, C_in, h, w] and camera geometry [B*N, G, h, w] -> per-token class
-    logits [B*N, C, h, w] and regression [B*N, 3, h, w] (centre offset in tokens, log depth as a
-    70-degree camera would see it); see `dense.py`."""
+    """Backbone features [B*N, C_in, h, w] and camera geometry [B*N, G, h', w'] -> per-cell class
+    logits [B*N, C, h', w'] and regression [B*N, 3, h', w'] (centre offset in cells, log depth as a
+    70-degree camera would see it); see `dense.py`.
 
-    def __init__(self, in_channels: int, hidden: int, num_classes: int):
+    With `fine_channels`, the head runs on a grid twice as fine: the features are upsampled and the
+    backbone's finer stage [B*N, fine_channels, 2h, 2w] is added through a 1x1 lateral conv (an FPN
+    step). The lateral starts at zero, so a head trained at the coarse grid starts from what it knew.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, num_classes: int, fine_channels: int | None = None):
         super().__init__()
+        self.lateral = None
+        if fine_channels is not None:
+            self.lateral = nn.Conv2d(fine_channels, in_channels, 1)
+            nn.init.zeros_(self.lateral.weight)
+            nn.init.zeros_(self.lateral.bias)
 
         def branch(out: int) -> nn.Sequential:
             return nn.Sequential(
@@ -134,7 +158,13 @@ class DenseHead(nn.Module):
         with torch.no_grad():
             self.reg[-1].bias.copy_(torch.tensor([0.0, 0.0, math.log(20.0)]))  # centre of the cell, 20 m away
 
-    def forward(self, feats: Tensor, geometry: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, feats: Tensor, geometry: Tensor, fine: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if (fine is None) != (self.lateral is None):
+            raise ValueError("pass the finer stage's features exactly when the head was built with fine_channels")
+        if fine is not None:
+            up = F.interpolate(feats, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            feats = up + self.lateral(fine)
+
         def run(branch: nn.Sequential, extra: nn.Conv2d) -> Tensor:
             conv, relu, out = branch
             return out(relu(conv(feats) + extra(geometry)))
@@ -147,8 +177,8 @@ class DecoderInputs(NamedTuple):
 
     memory, key_pos: [B, Nk, E] keys; key_padding_mask: [B, Nk] or None.
     query: [B, Nq, E] initial targets; reference_points: [B, Nq, 3] normalised anchors.
-    heatmap: [B, N, C, h, w] dense class logits; regression: [B, N, 3, h, w]; proposals: [B, Nq]
-    the token each query was selected from.
+    heatmap: [B, N, C, h', w'] dense class logits and regression: [B, N, 3, h', w'] on the head's
+    grid; proposals: [B, Nq] the key (token) each query was selected from.
     """
 
     memory: Tensor
@@ -189,7 +219,8 @@ class PETRDetector(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config.backbone_channels, config.backbone_blocks)
-        self.head = DenseHead(self.backbone.out_channels, config.head_channels, config.num_classes)
+        fine = config.backbone_channels[-2] if config.fine_head else None
+        self.head = DenseHead(self.backbone.out_channels, config.head_channels, config.num_classes, fine)
         # Query content from the selected tokens' features (their class evidence), not zeros.
         self.query_proj = nn.Sequential(
             nn.Linear(config.embed_dims, config.embed_dims), nn.LayerNorm(config.embed_dims)
@@ -215,8 +246,9 @@ class PETRDetector(nn.Module):
             images: [B, N, 3, H, W] uint8 or float in [0, 1].
             lidar2img: [B, N, 4, 4].
         Returns:
-            features [B, N, C_b, h, w], heatmap logits [B, N, C, h, w], regression [B, N, 3, h, w]
-            (offsets in tokens, log depth in metres of each camera's own depth).
+            features [B, N, C_b, h, w] at the keys' stride, heatmap logits [B, N, C, h', w'] and
+            regression [B, N, 3, h', w'] at the head's stride (offsets in cells, log depth in metres
+            of each camera's own depth).
         """
         b, n, _, h, w = images.shape
         if (w, h) != (self.config.image_width, self.config.image_height):
@@ -229,9 +261,10 @@ class PETRDetector(nn.Module):
         x = (x - self.mean) / self.std
         if lidar2img.shape != (b, n, 4, 4):
             raise ValueError(f"lidar2img must be [B, N, 4, 4] = {[b, n, 4, 4]}, got {list(lidar2img.shape)}")
-        feats = self.backbone(x.to(self.mean.dtype))
-        geometry, log_focal = camera_geometry(lidar2img, (w, h), self.config.stride, self.config.ground_z)
-        heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype))
+        *_, fine, feats = self.backbone(x.to(self.mean.dtype))
+        fine = fine if self.head.lateral is not None else None
+        geometry, log_focal = camera_geometry(lidar2img, (w, h), self.config.head_stride, self.config.ground_z)
+        heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype), fine)
         feats, heatmap, regression = (t.view(b, n, *t.shape[1:]) for t in (feats, heatmap, regression))
         # Back from the 70-degree reference camera to each camera's own depth.
         depth = regression[:, :, 2:] + log_focal.to(regression.dtype)[:, :, None, None, None]
@@ -252,9 +285,10 @@ class PETRDetector(nn.Module):
         # decoder's set loss is a noisy signal that slowed the dense head (heatmap loss 1.39 vs 0.94
         # after 400 iterations). The decoder's own input projection and position encoder still learn.
         keys = self.position(feats.detach(), lidar2img, (h, w))
-        index, center, is_peak = select_proposals(
-            heatmap, regression, lidar2img, self.config.stride, self.config.num_queries
+        cell, center, is_peak = select_proposals(
+            heatmap, regression, lidar2img, self.config.head_stride, self.config.num_queries
         )
+        index = key_index(cell, heatmap.shape[-2:], self.config.stride // self.config.head_stride)
         low, high = self.decoder.pc_range[:3], self.decoder.pc_range[3:]
         # Peaks become queries at their predicted centres, with their tokens' features as content;
         # slots left over (no more peaks) fall back to PETR's learned anchors with zero content

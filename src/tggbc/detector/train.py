@@ -140,7 +140,7 @@ def train(
     config = DetectorConfig(
         **{"num_queries": num_queries, **(config or {}), "image_width": width, "image_height": height}
     )
-    trainset = FrameSet(data, "train", config.stride, config.num_classes, progress=progress)
+    trainset = FrameSet(data, "train", config.head_stride, config.num_classes, progress=progress)
 
     torch.manual_seed(seed)
     model = PETRDetector(config)
@@ -269,6 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this wall time")
     parser.add_argument("--ckpt-every", type=int, default=250)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument(
+        "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
@@ -299,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         num_queries=args.queries,
+        config={"fine_head": True} if args.fine_head else None,
         init=args.init,
         progress=not args.quiet,
     )
