@@ -119,6 +119,9 @@ def test_train_resume_save_load_evaluate(dataset, tmp_path):
     assert results[1].keys_per_layer == [num_keys, num_keys // 2]
     for r in results:
         assert 0.0 <= r.mAP <= 1.0 and 0.0 <= r.NDS <= 1.0
+        # The devkit's mAP is the mean over classes and the four distance thresholds.
+        assert list(r.threshold_ap) == ["0.5", "1", "2", "4"]
+        assert abs(sum(r.threshold_ap.values()) / 4 - r.mAP) < 1e-9
     assert "tggbc" in format_results(results)
     # The submission loads with the devkit's own loader and covers every val sample.
     from nuscenes.eval.common.loaders import load_prediction
@@ -261,3 +264,12 @@ def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):
     assert state["config"]["fine_head"] is True and "head.lateral.weight" in state["model"]
     # The lateral conv learned from the dense loss (it started at zero).
     assert state["model"]["head.lateral.weight"].abs().sum() > 0
+
+
+def test_threshold_aps_average_classes_by_hand():
+    from tggbc.detector.evaluate import threshold_aps
+
+    label_aps = {"car": {0.5: 0.1, 1.0: 0.3, 2.0: 0.5, 4.0: 0.7}, "barrier": {0.5: 0.3, 1.0: 0.3, 2.0: 0.1, 4.0: 0.0}}
+    got = threshold_aps(label_aps)
+    assert list(got) == ["0.5", "1", "2", "4"]
+    assert [round(v, 9) for v in got.values()] == [0.2, 0.3, 0.3, 0.35]

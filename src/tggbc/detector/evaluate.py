@@ -68,6 +68,9 @@ class SettingResult:
     decoder_ms: float  # median over frames, batch 1
     keys_per_layer: list[int]
     class_ap: dict[str, float] = field(default_factory=dict)
+    # mAP at each of the devkit's centre-distance thresholds (metres, as strings): how much of the
+    # loss is localisation (the 0.5 and 1 m thresholds) and how much is finding objects at all (4 m).
+    threshold_ap: dict[str, float] = field(default_factory=dict)
 
 
 def default_k(num_queries: int) -> int:
@@ -206,9 +209,19 @@ def evaluate(
                 decoder_ms=statistics.median(times[s.name]),
                 keys_per_layer=keys_seen[s.name],
                 class_ap=summary["mean_dist_aps"] if summary else {},
+                threshold_ap=threshold_aps(summary["label_aps"]) if summary else {},
             )
         )
     return results
+
+
+def threshold_aps(label_aps: dict[str, dict]) -> dict[str, float]:
+    """The devkit's per-class APs {class: {threshold: AP}} -> {threshold: mean over classes}."""
+    per_threshold: dict[float, list[float]] = {}
+    for aps in label_aps.values():
+        for threshold, ap in aps.items():
+            per_threshold.setdefault(float(threshold), []).append(ap)
+    return {f"{t:g}": float(np.mean(aps)) for t, aps in sorted(per_threshold.items())}
 
 
 def format_results(results: list[SettingResult]) -> str:
@@ -223,6 +236,10 @@ def format_results(results: list[SettingResult]) -> str:
             f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {r.mATE:>6.3f} {r.mASE:>6.3f} {r.mAOE:>6.3f} {r.mAVE:>6.3f} "
             f"{r.mAAE:>6.3f} {r.decoder_ms:>7.1f} {speedup:>6.2f}x  {','.join(map(str, r.keys_per_layer))}"
         )
+    if any(r.threshold_ap for r in results):
+        lines.append("mAP by centre-distance threshold:")
+        for r in results:
+            lines.append(f"{r.name:<16} " + "  ".join(f"{t} m: {ap:.4f}" for t, ap in r.threshold_ap.items()))
     return "\n".join(lines)
 
 
