@@ -125,13 +125,17 @@ def test_openvino_runs_the_graph(exported):
     import numpy as np
 
     from tggbc.export import graph_feeds
+    from tggbc.export.bench import openvino_config
     from tggbc.models import example_inputs
 
     kind, decoder, result = exported
     feeds = graph_feeds(onnx.load(result.path), decoder, example_inputs(decoder, KEYS, batch=result.batch, seed=3))
     want = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"]).run(None, feeds)
     core = ov.Core()
-    got = core.compile_model(core.read_model(result.path), "CPU")(feeds)
+    # The bench's own compile options: float32 must stay float32 on a CPU with native bf16 too.
+    config = openvino_config(2, "float32")
+    assert config["INFERENCE_PRECISION_HINT"] == "f32"
+    got = core.compile_model(core.read_model(result.path), "CPU", config)(feeds)
     for name, expected in zip(result.output_names, want, strict=True):
         if name == "kept_keys":
             assert np.array_equal(np.sort(got[name], axis=1), np.sort(expected, axis=1))
