@@ -215,7 +215,7 @@ def test_warm_start_keeps_matching_tensors_and_refuses_another_architecture(tmp_
 
 
 def test_fine_head_runs_on_a_grid_twice_as_fine_and_starts_from_a_coarse_head(tmp_path):
-    from tggbc.detector.dense import key_index, select_proposals
+    from tggbc.detector.dense import camera_geometry, key_index, select_proposals
     from tggbc.detector.train import warm_start
 
     torch.manual_seed(0)
@@ -238,7 +238,7 @@ def test_fine_head_runs_on_a_grid_twice_as_fine_and_starts_from_a_coarse_head(tm
         x = (images.flatten(0, 1).float() / 255.0 - fine.mean) / fine.std
         feats = fine.backbone(x)[-1]
         up = torch.nn.functional.interpolate(feats, scale_factor=2, mode="bilinear", align_corners=False)
-        geometry = camera_geometry_of(lidar2img, 8)
+        geometry = camera_geometry(lidar2img, (176, 64), 8, fine.config.ground_z)[0].flatten(0, 1)
         conv, relu, out = fine.head.cls
         heat = out(relu(conv(up) + fine.head.cls_geometry(geometry)))
         torch.testing.assert_close(inputs.heatmap.flatten(0, 1), heat)
@@ -247,12 +247,6 @@ def test_fine_head_runs_on_a_grid_twice_as_fine_and_starts_from_a_coarse_head(tm
         assert torch.equal(inputs.proposals, key_index(cell, (8, 22), 2))
         rows, cols = (cell // 22) % 8, cell % 22
         assert torch.equal(inputs.proposals % 44, (rows // 2) * 11 + cols // 2)
-
-
-def camera_geometry_of(lidar2img, stride):
-    from tggbc.detector.dense import camera_geometry
-
-    return camera_geometry(lidar2img, (176, 64), stride, DetectorConfig().ground_z)[0].flatten(0, 1)
 
 
 def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):

@@ -262,7 +262,7 @@ class PETRDetector(nn.Module):
         if lidar2img.shape != (b, n, 4, 4):
             raise ValueError(f"lidar2img must be [B, N, 4, 4] = {[b, n, 4, 4]}, got {list(lidar2img.shape)}")
         *_, fine, feats = self.backbone(x.to(self.mean.dtype))
-        fine = fine if self.head.lateral is not None else None
+        fine = fine if self.config.fine_head else None
         geometry, log_focal = camera_geometry(lidar2img, (w, h), self.config.head_stride, self.config.ground_z)
         heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype), fine)
         feats, heatmap, regression = (t.view(b, n, *t.shape[1:]) for t in (feats, heatmap, regression))
