@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
+from .augment import augment_batch
 from .dense import dense_loss, dense_targets
 from .loss import LossConfig, detection_loss, encode_boxes
 from .model import DetectorConfig, PETRDetector
@@ -120,12 +121,14 @@ def train(
     num_queries: int = 300,
     config: dict | None = None,
     init: str | Path | None = None,
+    augment: bool = True,
     progress: bool = True,
 ) -> Path:
     """Train; returns the checkpoint path. See the module docstring.
 
     The image size comes from the data; `config` may set other DetectorConfig fields. `init`
     starts a new run from another run's tensors (see `warm_start`); ignored when resuming.
+    `augment` mirrors frames and jitters colours (see `augment.py`).
     """
     if not 0 <= dense_iterations < iterations:
         raise ValueError(f"dense_iterations must lie in [0, iterations={iterations}), got {dense_iterations}")
@@ -200,6 +203,11 @@ def train(
             images, lidar2img = trainset.images[index], trainset.lidar2img[index]
             labels = [trainset.labels[i] for i in index.tolist()]
             targets = [trainset.targets[i] for i in index.tolist()]
+            dense_target = (trainset.heatmap[index].float(), trainset.regression[index], trainset.reg_weight[index])
+            if augment:
+                images, lidar2img, targets, *dense_target = augment_batch(
+                    images, lidar2img, targets, *dense_target, generator=generator
+                )
             dense_group, decoder_group = optimizer.param_groups
             dense_group["lr"] = learning_rate(iteration, iterations, dense_lr, warmup)
             joint = iteration >= dense_iterations
@@ -214,13 +222,7 @@ def train(
             else:  # the dense head alone: 2.5x cheaper per iteration
                 _, heatmap, regression = model.dense(images, lidar2img)
                 loss, parts = heatmap.new_zeros(()), {"cls": float("nan"), "box": float("nan")}
-            heat_loss, reg_loss = dense_loss(
-                heatmap,
-                regression,
-                trainset.heatmap[index].float(),
-                trainset.regression[index],
-                trainset.reg_weight[index],
-            )
+            heat_loss, reg_loss = dense_loss(heatmap, regression, *dense_target)
             loss = loss + heat_loss + reg_loss
             heat_value, reg_value = float(heat_loss.detach()), float(reg_loss.detach())
             loss_value = float(loss.detach())
@@ -272,6 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
     )
+    parser.add_argument(
+        "--no-augment", action="store_true", help="no mirrored frames or colour jitter (runs 1-4 trained without)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
@@ -304,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         num_queries=args.queries,
         config={"fine_head": True} if args.fine_head else None,
         init=args.init,
+        augment=not args.no_augment,
         progress=not args.quiet,
     )
     print(f"checkpoint: {path}")
