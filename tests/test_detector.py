@@ -132,6 +132,16 @@ def test_train_resume_save_load_evaluate(dataset, tmp_path):
     boxes, meta = load_prediction(str(tmp_path / "eval" / "results_tggbc.json"), 500, DetectionBox)
     assert meta["use_camera"] is True
     assert set(boxes.sample_tokens) == {f.sample_token for f in list_frames(dataset, "val")}
+    # The train split is scored the same way, over exactly its own samples.
+    (train_result,) = evaluate(loaded, dataset, settings[:1], tmp_path / "fit", split="train", progress=False)
+    assert 0.0 <= train_result.mAP <= 1.0
+    boxes, _ = load_prediction(str(tmp_path / "fit" / "results_dense.json"), 500, DetectionBox)
+    train_tokens = {f.sample_token for f in list_frames(dataset, "train")}
+    assert set(boxes.sample_tokens) == train_tokens and not train_tokens & {
+        f.sample_token for f in list_frames(dataset, "val")
+    }
+    with pytest.raises(ValueError, match="'test'"):
+        evaluate(loaded, dataset, settings, tmp_path / "x", split="test", progress=False)
 
 
 def test_weights_refused_when_damaged_or_mismatched(tmp_path):

@@ -114,8 +114,8 @@ def to_submission_boxes(det: Detections, frame) -> list[dict]:
     return boxes
 
 
-def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None) -> tuple[dict, object]:
-    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019, val split)."""
+def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None, split: str = "val") -> tuple[dict, object]:
+    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019) on `split`."""
     try:
         from nuscenes import NuScenes
         from nuscenes.eval.common.config import config_factory
@@ -130,7 +130,7 @@ def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None) -> tuple
         nusc,
         config_factory("detection_cvpr_2019"),
         str(submission),
-        eval_set="val",
+        eval_set=split,
         output_dir=str(Path(submission).parent),
         verbose=False,
     )
@@ -145,16 +145,20 @@ def evaluate(
     out_dir: str | Path,
     *,
     max_frames: int | None = None,
+    split: str = "val",
     progress: bool = True,
 ) -> list[SettingResult]:
-    """Run every setting over the validation frames and score it; see the module docstring."""
+    """Run every setting over the frames of `split` (default the validation frames) and score it;
+    see the module docstring. `split="train"` measures how far the model fits its training frames."""
     from ..data.frames import list_frames
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frames = list_frames(dataroot, "val")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    frames = list_frames(dataroot, split)
     if not frames:
-        raise ValueError(f"{dataroot} has no val frames")
+        raise ValueError(f"{dataroot} has no {split} frames")
     if max_frames is not None:
         frames = frames[:max_frames]
     submissions = {s.name: {} for s in settings}
@@ -191,7 +195,7 @@ def evaluate(
             # The devkit scores whole splits only: on a subset, only latency and keys are meaningful.
             summary = None
         else:
-            summary, nusc = nuscenes_metrics(dataroot, path, nusc)
+            summary, nusc = nuscenes_metrics(dataroot, path, nusc, split)
         tp = summary["tp_errors"] if summary else {}
         results.append(
             SettingResult(
@@ -259,6 +263,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=None, help="voting queries (default: 175/900 of the queries)")
     parser.add_argument("--fractions", default="0.5,0.75,0.875,0.95", help="pruned fractions of the sweep")
     parser.add_argument("--out", default="out/eval", help="directory for submissions and results.json")
+    parser.add_argument(
+        "--split", choices=("val", "train"), default="val", help="frames to score (train: how well the model fits them)"
+    )
     parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
@@ -279,11 +286,14 @@ def run(args: argparse.Namespace) -> int:
     for s in settings:  # fail on an impossible setting before the long loop
         if s.r is not None:
             s.pruner().reset(model.config.num_keys, model.config.num_layers)
-    results = evaluate(model, args.data, settings, args.out, max_frames=args.max_frames, progress=not args.quiet)
+    results = evaluate(
+        model, args.data, settings, args.out, max_frames=args.max_frames, split=args.split, progress=not args.quiet
+    )
     print(format_results(results))
     payload = {
         "weights": str(args.weights),
         "data": str(args.data),
+        "split": args.split,
         "threads": torch.get_num_threads(),
         "results": [asdict(r) for r in results],
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
-from .augment import augment_batch
+from .augment import jitter_colors
 from .dense import dense_loss, dense_targets
 from .loss import LossConfig, detection_loss, encode_boxes
 from .model import DetectorConfig, PETRDetector
@@ -128,7 +128,7 @@ def train(
 
     The image size comes from the data; `config` may set other DetectorConfig fields. `init`
     starts a new run from another run's tensors (see `warm_start`); ignored when resuming.
-    `augment` mirrors frames and jitters colours (see `augment.py`).
+    `augment` jitters the images' colours (see `augment.py`).
     """
     if not 0 <= dense_iterations < iterations:
         raise ValueError(f"dense_iterations must lie in [0, iterations={iterations}), got {dense_iterations}")
@@ -205,9 +205,7 @@ def train(
             targets = [trainset.targets[i] for i in index.tolist()]
             dense_target = (trainset.heatmap[index].float(), trainset.regression[index], trainset.reg_weight[index])
             if augment:
-                images, lidar2img, targets, *dense_target = augment_batch(
-                    images, lidar2img, targets, *dense_target, generator=generator
-                )
+                images = jitter_colors(images.float() / 255.0, generator)
             dense_group, decoder_group = optimizer.param_groups
             dense_group["lr"] = learning_rate(iteration, iterations, dense_lr, warmup)
             joint = iteration >= dense_iterations
@@ -274,9 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
     )
-    parser.add_argument(
-        "--no-augment", action="store_true", help="no mirrored frames or colour jitter (runs 1-4 trained without)"
-    )
+    parser.add_argument("--no-augment", action="store_true", help="no colour jitter (runs 1-4 trained without)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
