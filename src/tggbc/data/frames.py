@@ -19,7 +19,7 @@ import numpy as np
 
 from tggbc.data.classes import CATEGORY_TO_CLASS, DETECTION_CLASSES
 from tggbc.data.rig import CAMERA_NAMES, LIDAR_NAME
-from tggbc.data.splits import read_meta, split_scenes
+from tggbc.data.splits import SPLIT_NAMES, read_meta, split_scenes
 from tggbc.data.transforms import pose_to_matrix, quaternion_to_matrix, yaw_of_matrix
 
 _MAX_VELOCITY_TIME_DIFF_S = 1.5  # as NuScenes.box_velocity
@@ -155,6 +155,8 @@ def list_frames(dataroot: str | Path, split: str) -> list[Frame]:
     Returns:
         Frames with `images=None`; call `frame.read_images()` to load them.
     """
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
     root = Path(dataroot).resolve()
     index = _Index.load(root / read_meta(root)["version"])
     frames = []

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..data.classes import DETECTION_CLASSES
+from ..data.splits import SPLIT_NAMES
 from ..files import write_json_atomic
 from ..pruner import KeyPruner
 from .model import Detections, PETRDetector
@@ -152,13 +153,11 @@ def evaluate(
     see the module docstring. `split="train"` measures how far the model fits its training frames."""
     from ..data.frames import list_frames
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    frames = list_frames(dataroot, split)
+    frames = list_frames(dataroot, split)  # raises on a split name other than 'train' / 'val'
     if not frames:
         raise ValueError(f"{dataroot} has no {split} frames")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if max_frames is not None:
         frames = frames[:max_frames]
     submissions = {s.name: {} for s in settings}
@@ -256,7 +255,7 @@ def standard_settings(num_queries: int, fractions=(0.5, 0.75, 0.875, 0.95), n: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import parse_r
 
-    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth` (its val split)")
+    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth` (scored on --split)")
     parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
     parser.add_argument("--r", type=parse_r, default=None, help="one tgGBC setting instead of the standard sweep")
     parser.add_argument("--n", type=int, default=1, help="layers that prune (default 1)")
@@ -264,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", default="0.5,0.75,0.875,0.95", help="pruned fractions of the sweep")
     parser.add_argument("--out", default="out/eval", help="directory for submissions and results.json")
     parser.add_argument(
-        "--split", choices=("val", "train"), default="val", help="frames to score (train: how well the model fits them)"
+        "--split", choices=SPLIT_NAMES, default="val", help="frames to score (train: how well the model fits them)"
     )
     parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
     parser.add_argument("--threads", type=int, default=None)
