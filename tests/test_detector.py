@@ -270,6 +270,33 @@ def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):
     assert state["model"]["head.lateral.weight"].abs().sum() > 0
 
 
+def test_frames_of_several_datasets_are_pooled(dataset, tmp_path):
+    from tggbc.data import generate
+    from tggbc.data.frames import list_frames
+    from tggbc.detector.train import FrameSet
+
+    other = tmp_path / "other"
+    generate(other, num_scenes=2, seed=4, image_size=(176, 64), frames_per_scene=2, val_fraction=0.5, progress=False)
+    pooled = FrameSet([dataset, other], "train", 16, 10, progress=False)
+    first, second = list_frames(dataset, "train"), list_frames(other, "train")
+    assert len(pooled) == len(first) + len(second) == 4
+    assert [f.sample_token for f in pooled.frames] == [f.sample_token for f in first + second]
+    # Every image sits at its frame's index, read straight from disk.
+    for i, frame in enumerate(first + second):
+        expected = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2)
+        assert torch.equal(pooled.images[i], expected)
+        torch.testing.assert_close(pooled.lidar2img[i], torch.from_numpy(frame.lidar2img))
+
+    with pytest.raises(ValueError, match="share frames"):
+        FrameSet([dataset, dataset], "train", 16, 10, progress=False)
+    with pytest.raises(ValueError, match="at least one dataroot"):
+        FrameSet([], "train", 16, 10, progress=False)
+    wide = tmp_path / "wide"
+    generate(wide, num_scenes=2, seed=5, image_size=(192, 64), frames_per_scene=2, val_fraction=0.5, progress=False)
+    with pytest.raises(ValueError, match=r"different image sizes.*\(192, 64\)"):
+        FrameSet([dataset, wide], "train", 16, 10, progress=False)
+
+
 def test_threshold_aps_average_classes_by_hand():
     from tggbc.detector.evaluate import threshold_aps
 
