@@ -88,8 +88,9 @@ def test_onnx_detections_equal_pytorch(model, frames, tmp_path):
         sigmoid = eager.cls_scores[-1][0].float().sigmoid()
         for q, c in differing:
             assert abs(float(sigmoid[q, c]) - boundary) < 1e-5, f"detection {(q, c)} differs away from the cut"
-        # Their boxes agree.
+        # Their boxes agree to float32 round-off through six layers: centres are metres (tens of
+        # them), so the bound is relative as well as absolute (run 7's model: 3.7e-4 at 4.8 m).
         shared = [p for p in pairs_eager if p in set(pairs_onnx)]
         queries = torch.tensor([q for q, _ in shared])
-        torch.testing.assert_close(box_onnx[0, queries], eager.bbox_preds[-1][0, queries], rtol=0, atol=1e-4)
+        torch.testing.assert_close(box_onnx[0, queries], eager.bbox_preds[-1][0, queries], rtol=2e-4, atol=1e-4)
         assert len(shared) >= count - 2
