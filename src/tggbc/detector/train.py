@@ -43,7 +43,7 @@ class FrameSet:
     ):
         from ..data.frames import list_frames
 
-        roots = [dataroots] if isinstance(dataroots, str | Path) else list(dataroots)
+        roots = _dataroot_list(dataroots)
         width, height = _common_image_size(roots)
         frames = []
         for root in roots:
@@ -90,6 +90,11 @@ class FrameSet:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.images.shape[-1], self.images.shape[-2]
+
+
+def _dataroot_list(data: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """One dataroot or several, as a list."""
+    return [data] if isinstance(data, str | Path) else list(data)
 
 
 def _common_image_size(roots: Sequence[str | Path]) -> tuple[int, int]:
@@ -170,7 +175,7 @@ def train(
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    roots = [data] if isinstance(data, str | Path) else list(data)
+    roots = _dataroot_list(data)
     width, height = _common_image_size(roots)
     config = DetectorConfig(
         **{"num_queries": num_queries, **(config or {}), "image_width": width, "image_height": height}
