@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tggbc.data.raycast import box_corners
 from tggbc.detector.dense import (
+    _REG_MASS,
     GEOMETRY_CHANNELS,
     camera_geometry,
     dense_loss,
@@ -43,7 +44,12 @@ def test_targets_of_one_box_by_hand():
     assert heat.shape == (1, CLASSES, 4, 11) and reg.shape == (1, 3, 4, 11) and weight.shape == (1, 4, 11)
     assert heat[0, 2, 1, 5] == 1.0 and (heat[0, 2] == 1.0).sum() == 1
     assert heat[0, :2].max() == 0.0  # other classes untouched
-    assert weight[0, 1, 5] == 1.0
+    # Row 2's centre lies 2.5 - 29.5 / 16 = 0.656 tokens from the centre: Gaussian exp(-0.656^2 / 0.5)
+    # = 0.4226 > 0.2, so that token also regresses; the two share the object's weight 1 : 0.4226.
+    g = math.exp(-((2.5 - 29.5 / 16) ** 2) / 0.5)
+    assert weight[0, 1, 5] == pytest.approx(_REG_MASS / (1 + g), rel=1e-5)
+    assert weight[0, 2, 5] == pytest.approx(_REG_MASS * g / (1 + g), rel=1e-5)
+    assert (weight > 0).sum() == 2
     assert reg[0, :, 1, 5] == pytest.approx([88 / 16 - 5.5, 29.5 / 16 - 1.5, math.log(20.0)], abs=1e-6)
     # A small far box: its Gaussian (radius 0.5 tokens) does not reach the neighbours' regression.
     assert weight[0, 1, 4] == 0.0
@@ -55,7 +61,7 @@ def test_neighbours_of_a_large_box_regress_its_centre():
         box(8.0, 0.0, 0.5, w=4.0, h=4.0), np.array([0]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES
     )
     assert heat[0, 0, 1, 5] == 1.0
-    assert 0.2 < weight[0, 1, 4] < 1.0 and 0.0 < heat[0, 0, 1, 4] < 1.0
+    assert 0.0 < weight[0, 1, 4] < weight[0, 1, 5] and 0.0 < heat[0, 0, 1, 4] < 1.0
     assert reg[0, :, 1, 4] == pytest.approx([88 / 16 - 4.5, 25.75 / 16 - 1.5, math.log(8.0)], abs=1e-6)
 
 
@@ -71,6 +77,24 @@ def test_the_nearer_of_two_aligned_objects_owns_the_regression():
     row, col = 1, 5
     assert heat[0, 0, row, col] == 1.0 and heat[0, 1, row, col] == 1.0  # both classes peak there
     assert reg[0, 2, row, col] == pytest.approx(math.log(10.0), abs=1e-6)
+
+
+def test_near_and_far_objects_weigh_the_same_in_the_regression():
+    # A wide box 8 m away covers a dozen tokens, a small one 40 m away one or two; a third box 6 m
+    # away in front of part of the wide one takes some of its tokens. Each keeps the full weight.
+    boxes = np.concatenate(
+        [box(8.0, 0.0, 0.5, w=4.0, h=4.0), box(40.0, 12.0, 0.5), box(6.0, -1.0, 0.3, w=1.0, h=1.0)]
+    )
+    heat, reg, weight = dense_targets(boxes, np.array([0, 1, 2]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    depth = np.exp(reg[0, 2])
+    owners = [np.isclose(depth, d, rtol=1e-5) & (weight[0] > 0) for d in (8.0, 40.0, 6.0)]
+    alone = dense_targets(boxes[:1], np.array([0]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)[2]
+    assert int(owners[1].sum()) <= 2 and int((alone > 0).sum()) > int(owners[0].sum()) >= 8
+    assert int(owners[2].sum()) >= 1 and not (owners[0] & owners[2]).any()
+    for owned in owners:
+        assert float(weight[0][owned].sum()) == pytest.approx(_REG_MASS, rel=1e-5)
+    # Within one object the weights keep the Gaussian's shape: the centre token weighs most.
+    assert weight[0, 1, 5] == weight[0][owners[0]].max()
 
 
 def test_dense_loss_by_hand():
