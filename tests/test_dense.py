@@ -82,9 +82,7 @@ def test_the_nearer_of_two_aligned_objects_owns_the_regression():
 def test_near_and_far_objects_weigh_the_same_in_the_regression():
     # A wide box 8 m away covers a dozen tokens, a small one 40 m away one or two; a third box 6 m
     # away in front of part of the wide one takes some of its tokens. Each keeps the full weight.
-    boxes = np.concatenate(
-        [box(8.0, 0.0, 0.5, w=4.0, h=4.0), box(40.0, 12.0, 0.5), box(6.0, -1.0, 0.3, w=1.0, h=1.0)]
-    )
+    boxes = np.concatenate([box(8.0, 0.0, 0.5, w=4.0, h=4.0), box(40.0, 12.0, 0.5), box(6.0, -1.0, 0.3, w=1.0, h=1.0)])
     heat, reg, weight = dense_targets(boxes, np.array([0, 1, 2]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
     depth = np.exp(reg[0, 2])
     owners = [np.isclose(depth, d, rtol=1e-5) & (weight[0] > 0) for d in (8.0, 40.0, 6.0)]

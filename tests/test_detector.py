@@ -304,3 +304,24 @@ def test_threshold_aps_average_classes_by_hand():
     got = threshold_aps(label_aps)
     assert list(got) == ["0.5", "1", "2", "4"]
     assert [round(v, 9) for v in got.values()] == [0.2, 0.3, 0.3, 0.35]
+
+
+def test_probe_counts_every_object_a_camera_sees(dataset):
+    import numpy as np
+
+    from tggbc.data import list_frames
+    from tggbc.data.transforms import in_image, project_points
+    from tggbc.detector.probe import probe
+
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY))
+    summary = probe(model, dataset, "val", progress=False)
+    expected = 0
+    for frame in list_frames(dataset, "val"):
+        centers = frame.gt_boxes[frame.gt_valid, :3].astype(np.float64)
+        uv, depth = project_points(centers, frame.lidar2img)
+        seen = in_image(uv, depth, (TINY["image_width"], TINY["image_height"])).any(0)
+        ego = centers @ frame.lidar2ego[:3, :3].T + frame.lidar2ego[:3, 3]
+        expected += int((seen & (np.linalg.norm(ego[:, :2], axis=1) < 50.0)).sum())
+    assert expected > 0 and sum(summary["objects"]) == expected
+    assert all(0.0 <= f <= 1.0 for f, n in zip(summary["found"], summary["objects"], strict=True) if n)

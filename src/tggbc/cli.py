@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tggbc.detector.bound",
         "mAP ceiling when depth is read from pixels to a given precision, vs a submission",
     ),
+    "probe": ("tggbc.detector.probe", "the dense head's proposals by distance: found, pixel and depth error"),
     "export": ("tggbc.export.cli", "export a tgGBC-pruned decoder to ONNX"),
     "demo": ("tggbc.demo", "the main job: accuracy and speed of tgGBC, with plots"),
 }

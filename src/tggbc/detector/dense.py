@@ -178,6 +178,13 @@ def dense_loss(
     return (pos_loss.sum() + neg_loss.sum()) / num_pos, reg_l1 / num_pos
 
 
+def peak_mask(score: Tensor) -> Tensor:
+    """CenterNet's 3x3 peak test: score [..., h, w] -> bool [..., h, w], True where no neighbour
+    (the 8 around, clipped at the border) scores higher."""
+    flat = score.reshape(-1, 1, *score.shape[-2:])
+    return (F.max_pool2d(flat, 3, 1, 1) == flat).view(score.shape)
+
+
 def select_proposals(
     cls_logits: Tensor, reg_pred: Tensor, lidar2img: Tensor, stride: int, count: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,7 +207,7 @@ def select_proposals(
         # neighbours, which would be near-duplicates the decoder's one-to-one matching must then
         # tell apart (measured: that is what held the decoder's scores back). The caller decides
         # what to do with the non-peak slots at the end.
-        peak = F.max_pool2d(score.flatten(0, 1)[:, None], 3, 1, 1).view_as(score) == score
+        peak = peak_mask(score)
         score = (score + peak * 100.0).flatten(1)  # (B, N*h*w), camera-major like the keys
         index = score.topk(count, dim=1).indices  # (B, count)
         is_peak = peak.flatten(1).gather(1, index)  # (B, count)

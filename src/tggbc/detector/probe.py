@@ -1,0 +1,162 @@
+"""`tggbc probe`: how well the dense head proposes objects, by distance.
+
+The decoder starts from the dense head's proposals: 3x3 heatmap peaks, back-projected with the
+offset and depth the head regresses there (see `dense.py`). When `tggbc bound` shows far objects
+matched less often, this says why: no proposal near them, or a proposal in the wrong place. For
+every ground-truth box whose centre a camera images (the camera `tggbc bound` picks), it takes the
+highest-scoring peak within one head cell of the projected centre, counts the object found when
+that peak's best class score reaches a threshold, and measures the centre the peak predicts: its
+pixel error in the image and its depth error relative to the true depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.transforms import project_points
+from ..files import write_json_atomic
+from .bound import DISTANCE_BANDS, _xy, viewing_camera
+from .dense import peak_mask
+from .model import PETRDetector
+
+FOUND_SCORE = 0.3  # a peak at least this confident counts as a proposal (the decoder sees the top 300)
+
+
+def peak_errors(
+    score: np.ndarray,
+    peak: np.ndarray,
+    regression: np.ndarray,
+    camera: np.ndarray,
+    uv: np.ndarray,
+    depth: np.ndarray,
+    stride: int,
+    threshold: float = FOUND_SCORE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dense head's best proposal near each object, and how far off it is.
+
+    Args:
+        score: [N, h, w] best class probability per cell. peak: [N, h, w] bool (3x3 local maxima).
+        regression: [N, 3, h, w] the head's (du, dv) offset in cells from the cell centre and log depth.
+        camera: [M] int, the camera imaging each object's centre. uv: [M, 2] that centre in pixels.
+        depth: [M] metres along that camera's axis. stride: pixels per cell.
+    Returns:
+        found [M] bool, pixel_error [M] (distance in pixels between the predicted and true centre)
+        and depth_error [M] (predicted / true depth - 1), NaN where not found.
+    """
+    _, h, w = score.shape
+    m = len(camera)
+    found = np.zeros(m, bool)
+    pixel_error, depth_error = np.full(m, np.nan), np.full(m, np.nan)
+    for i in range(m):
+        cu, cv = uv[i] / stride
+        row, col = min(int(cv), h - 1), min(int(cu), w - 1)
+        r0, c0 = max(row - 1, 0), max(col - 1, 0)
+        window = np.where(peak[camera[i], r0 : row + 2, c0 : col + 2], score[camera[i], r0 : row + 2, c0 : col + 2], -1)
+        best = np.unravel_index(int(window.argmax()), window.shape)
+        if window[best] < threshold:
+            continue
+        r, c = r0 + best[0], c0 + best[1]
+        du, dv, log_depth = regression[camera[i], :, r, c]
+        found[i] = True
+        pixel_error[i] = float(np.hypot(c + 0.5 + du - cu, r + 0.5 + dv - cv)) * stride
+        depth_error[i] = float(np.exp(log_depth)) / depth[i] - 1.0
+    return found, pixel_error, depth_error
+
+
+def summarise(distance: np.ndarray, found: np.ndarray, pixel_error: np.ndarray, depth_error: np.ndarray) -> dict:
+    """Per distance band (`bound.DISTANCE_BANDS`): objects, share found, median pixel error, median
+    |relative depth error| and median signed relative depth error (its bias) of the found ones."""
+    out = {"bands": [], "objects": [], "found": [], "pixel_error": [], "depth_error": [], "depth_bias": []}
+    for lo, hi in zip(DISTANCE_BANDS[:-1], DISTANCE_BANDS[1:], strict=True):
+        band = (distance >= lo) & (distance < hi)
+        hit = band & found
+        out["bands"].append([lo, hi])
+        out["objects"].append(int(band.sum()))
+        out["found"].append(float(hit.sum() / band.sum()) if band.any() else float("nan"))
+        for key, values in (
+            ("pixel_error", pixel_error),
+            ("depth_error", np.abs(depth_error)),
+            ("depth_bias", depth_error),
+        ):
+            out[key].append(float(np.median(values[hit])) if hit.any() else float("nan"))
+    return out
+
+
+def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | None = None, progress=True) -> dict:
+    """`peak_errors` over the frames of a split, summarised by distance from the ego vehicle."""
+    from ..data.frames import list_frames
+
+    frames = list_frames(dataroot, split)
+    if not frames:
+        raise ValueError(f"{dataroot} has no {split} frames")
+    frames = frames[:max_frames] if max_frames is not None else frames
+    config = model.config
+    image_size = (config.image_width, config.image_height)
+    columns = {"distance": [], "found": [], "pixel_error": [], "depth_error": []}
+    iterator = frames
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(frames, desc="probe", unit="frame")
+    model.eval()
+    for frame in iterator:
+        images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)  # (1, 6, 3, H, W)
+        frame.images = None
+        with torch.inference_mode():
+            _, heatmap, regression = model.dense(images, torch.from_numpy(frame.lidar2img).unsqueeze(0))
+            score = heatmap[0].float().sigmoid().amax(1)  # (N, h', w')
+            peak = peak_mask(score)
+        centers = frame.gt_boxes[np.flatnonzero(frame.gt_valid), :3].astype(np.float64)
+        camera, depth = viewing_camera(centers, frame.lidar2img, image_size)
+        seen = camera >= 0
+        centers, camera, depth = centers[seen], camera[seen], depth[seen]
+        uv = project_points(centers, frame.lidar2img)[0][camera, np.arange(len(centers))]  # (M, 2)
+        found, pixel_error, depth_error = peak_errors(
+            score.numpy(), peak.numpy(), regression[0].float().numpy(), camera, uv, depth, config.head_stride
+        )
+        columns["distance"].append(np.linalg.norm(_xy(frame.lidar2ego, centers), axis=1))
+        for key, values in (("found", found), ("pixel_error", pixel_error), ("depth_error", depth_error)):
+            columns[key].append(values)
+    return summarise(*(np.concatenate(columns[k]) for k in ("distance", "found", "pixel_error", "depth_error")))
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'distance band, m':<18}{'objects':>8}{'found':>7}{'px err':>8}{'|depth err|':>12}{'depth bias':>11}"]
+    for i, (lo, hi) in enumerate(summary["bands"]):
+        lines.append(
+            f"{f'{lo:g}-{hi:g}':<18}{summary['objects'][i]:>8}{summary['found'][i]:>7.2f}"
+            f"{summary['pixel_error'][i]:>8.2f}{summary['depth_error'][i]:>12.3f}{summary['depth_bias'][i]:>+11.3f}"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth`")
+    parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--max-frames", type=int, default=None, help="only the first this many frames")
+    parser.add_argument("--out", default=None, help="also write the figures here as JSON")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .weights import load_detector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_frames is not None and args.max_frames < 1:
+        raise SystemExit(f"--max-frames must be at least 1, got {args.max_frames}")
+    model = load_detector(args.weights)
+    summary = probe(model, args.data, args.split, args.max_frames, progress=not args.quiet)
+    print(f"dense head proposals (peak score >= {FOUND_SCORE} within one cell of the object's centre):")
+    print(format_summary(summary))
+    if args.out:
+        meta = {"data": str(args.data), "weights": str(args.weights), "split": args.split, "frames": args.max_frames}
+        write_json_atomic(Path(args.out), {**meta, **summary})
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,65 @@
+"""`tggbc probe`: the dense head's proposals near each object, on cases checked by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tggbc.detector.dense import peak_mask
+from tggbc.detector.probe import peak_errors, summarise
+
+STRIDE = 16
+
+
+def grids():
+    """One camera, a 4 x 11 grid: scores, peaks and regression all zero."""
+    score = np.zeros((1, 4, 11), np.float32)
+    regression = np.zeros((1, 3, 4, 11), np.float32)
+    return score, regression
+
+
+def test_peak_errors_by_hand():
+    score, regression = grids()
+    # Object A: centre at pixel (88, 29.5), cell (row 1, column 5), depth 20 m. The peak sits in the
+    # neighbouring cell (row 1, column 6) and predicts offset (0.25, -0.25) cells and depth 22 m:
+    # centre ((6.5 + 0.25) * 16, (1.5 - 0.25) * 16) = (108, 20), 20 px right and 9.5 px up.
+    score[0, 1, 6] = 0.9
+    regression[0, :, 1, 6] = [0.25, -0.25, math.log(22.0)]
+    # A stronger peak two cells from A is outside its window and does not count for it.
+    score[0, 1, 3] = 0.95
+    # Object B: cell (row 3, column 9); its one neighbouring peak is below the threshold.
+    score[0, 2, 9] = 0.2
+    # Object C: cell (row 0, column 0) at the border, no peak near it.
+    peak = peak_mask(torch.from_numpy(score)).numpy() & (score > 0)
+    uv = np.array([[88.0, 29.5], [150.0, 60.0], [3.0, 3.0]])
+    found, pixel, depth = peak_errors(score, peak, regression, np.zeros(3, int), uv, np.array([20.0, 10, 10]), STRIDE)
+    assert found.tolist() == [True, False, False]
+    assert pixel[0] == pytest.approx(math.hypot(20.0, 9.5), rel=1e-6)
+    assert depth[0] == pytest.approx(22.0 / 20.0 - 1.0, rel=1e-6)
+    assert np.isnan(pixel[1:]).all() and np.isnan(depth[1:]).all()
+    # With a lower threshold B's peak counts: it predicts its cell centre (152, 40) at exp(0) = 1 m.
+    found, pixel, depth = peak_errors(
+        score, peak, regression, np.zeros(3, int), uv, np.array([20.0, 10, 10]), STRIDE, threshold=0.1
+    )
+    assert found.tolist() == [True, True, False]
+    assert pixel[1] == pytest.approx(math.hypot(2.0, 20.0)) and depth[1] == pytest.approx(-0.9)
+
+
+def test_peak_mask_keeps_only_local_maxima():
+    score = torch.tensor([[0.1, 0.5, 0.2, 0.0], [0.3, 0.4, 0.1, 0.6]])
+    assert peak_mask(score).tolist() == [[False, True, False, False], [False, False, False, True]]
+    batched = peak_mask(score.expand(2, 3, 2, 4))
+    assert batched.shape == (2, 3, 2, 4) and (batched == peak_mask(score)).all()
+
+
+def test_summarise_by_band():
+    distance = np.array([5.0, 7.0, 15.0, 45.0, 60.0])  # 60 m lies beyond the last band
+    found = np.array([True, False, True, True, True])
+    pixel = np.array([1.0, np.nan, 3.0, 8.0, 9.0])
+    depth = np.array([-0.1, np.nan, 0.02, -0.3, 0.5])
+    s = summarise(distance, found, pixel, depth)
+    assert s["objects"] == [2, 1, 0, 0, 1]
+    assert s["found"][:2] == [0.5, 1.0] and math.isnan(s["found"][2]) and s["found"][4] == 1.0
+    assert s["pixel_error"][0] == 1.0 and s["depth_error"][0] == pytest.approx(0.1)
+    assert s["depth_bias"][0] == pytest.approx(-0.1) and s["depth_bias"][4] == pytest.approx(-0.3)
