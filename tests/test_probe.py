@@ -63,3 +63,20 @@ def test_summarise_by_band():
     assert s["found"][:2] == [0.5, 1.0] and math.isnan(s["found"][2]) and s["found"][4] == 1.0
     assert s["pixel_error"][0] == 1.0 and s["depth_error"][0] == pytest.approx(0.1)
     assert s["depth_bias"][0] == pytest.approx(-0.1) and s["depth_bias"][4] == pytest.approx(-0.3)
+
+
+def test_probe_refuses_to_overwrite_its_output(tmp_path):
+    import argparse
+
+    from tggbc.detector.probe import add_arguments, run
+
+    out = tmp_path / "probe.json"
+    out.write_text("mine")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", str(tmp_path), "--weights", "missing.safetensors", "--out", str(out)])
+    with pytest.raises(FileExistsError, match="--force"):
+        run(args)
+    assert out.read_text() == "mine"
+    with pytest.raises(SystemExit, match="--max-frames"):
+        run(parser.parse_args(["--data", str(tmp_path), "--weights", "w", "--max-frames", "0"]))

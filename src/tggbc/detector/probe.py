@@ -140,6 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--max-frames", type=int, default=None, help="only the first this many frames")
     parser.add_argument("--out", default=None, help="also write the figures here as JSON")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
 
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.max_frames is not None and args.max_frames < 1:
         raise SystemExit(f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.out and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists: pass --force to replace it")
     model = load_detector(args.weights)
     summary = probe(model, args.data, args.split, args.max_frames, progress=not args.quiet)
     print(f"dense head proposals (peak score >= {FOUND_SCORE} within one cell of the object's centre):")
