@@ -173,7 +173,7 @@ def match_radial_errors(
     return errors
 
 
-def _xy(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+def transformed_xy(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
     """xy of points [M, 3] after a rigid transform [4, 4]: [M, 2]."""
     transform = np.asarray(transform, dtype=np.float64)
     return (np.asarray(points, dtype=np.float64) @ transform[:3, :3].T + transform[:3, 3])[:, :2]
@@ -193,13 +193,13 @@ def radial_error_by_distance(frames, submission: dict, class_range: dict[str, fl
     for frame in frames:
         global2ego = np.linalg.inv(frame.ego2global)
         valid = np.flatnonzero(frame.gt_valid)
-        gt_xy = _xy(frame.lidar2ego, frame.gt_boxes[valid, :3])
+        gt_xy = transformed_xy(frame.lidar2ego, frame.gt_boxes[valid, :3])
         gt_names = [DETECTION_CLASSES[i] for i in frame.gt_labels[valid]]
         keep = np.array([np.linalg.norm(xy) < class_range[n] for xy, n in zip(gt_xy, gt_names, strict=True)], bool)
         gt_xy, gt_labels = gt_xy[keep], np.array(gt_names, dtype=object)[keep]
         boxes = submission.get(frame.sample_token, [])
         if boxes:
-            pred_xy = _xy(global2ego, [b["translation"] for b in boxes])
+            pred_xy = transformed_xy(global2ego, [b["translation"] for b in boxes])
             pred_labels = np.array([b["detection_name"] for b in boxes], dtype=object)
             in_range = np.linalg.norm(pred_xy, axis=1) < np.array([class_range[n] for n in pred_labels])
             pred_scores = np.array([b["detection_score"] for b in boxes], np.float64)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..data.classes import DETECTION_CLASSES
 from ..data.splits import SPLIT_NAMES
@@ -139,6 +140,25 @@ def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None, split: s
     return metrics.serialize(), nusc
 
 
+def split_frames(dataroot: str | Path, split: str, max_frames: int | None = None) -> list:
+    """The frames of `split` (the first `max_frames` of them), images not yet read; raises on an
+    unknown split name or an empty split."""
+    from ..data.frames import list_frames
+
+    frames = list_frames(dataroot, split)  # raises on a split name other than 'train' / 'val'
+    if not frames:
+        raise ValueError(f"{dataroot} has no {split} frames")
+    return frames if max_frames is None else frames[:max_frames]
+
+
+def frame_batch(frame) -> tuple[Tensor, Tensor]:
+    """One frame as a batch of one: images [1, 6, 3, H, W] uint8 read from disk (the frame keeps no
+    copy) and lidar2img [1, 6, 4, 4]."""
+    images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)
+    frame.images = None
+    return images, torch.from_numpy(frame.lidar2img).unsqueeze(0)
+
+
 def evaluate(
     model: PETRDetector,
     dataroot: str | Path,
@@ -151,15 +171,9 @@ def evaluate(
 ) -> list[SettingResult]:
     """Run every setting over the frames of `split` (default the validation frames) and score it;
     see the module docstring. `split="train"` measures how far the model fits its training frames."""
-    from ..data.frames import list_frames
-
-    frames = list_frames(dataroot, split)  # raises on a split name other than 'train' / 'val'
-    if not frames:
-        raise ValueError(f"{dataroot} has no {split} frames")
+    frames = split_frames(dataroot, split, max_frames)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if max_frames is not None:
-        frames = frames[:max_frames]
     submissions = {s.name: {} for s in settings}
     times = {s.name: [] for s in settings}
     keys_seen = {}
@@ -171,9 +185,7 @@ def evaluate(
         iterator = tqdm(frames, desc=f"eval {len(settings)} settings", unit="frame")
     model.eval()
     for frame in iterator:
-        images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)  # (1, 6, 3, H, W)
-        frame.images = None
-        lidar2img = torch.from_numpy(frame.lidar2img).unsqueeze(0)
+        images, lidar2img = frame_batch(frame)
         with torch.inference_mode():
             inputs = model.inputs(images, lidar2img)
             for s in settings:

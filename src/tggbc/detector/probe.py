@@ -19,8 +19,9 @@ import torch
 
 from ..data.transforms import project_points
 from ..files import write_json_atomic
-from .bound import DISTANCE_BANDS, _xy, viewing_camera
+from .bound import DISTANCE_BANDS, transformed_xy, viewing_camera
 from .dense import peak_mask
+from .evaluate import frame_batch, split_frames
 from .model import PETRDetector
 
 FOUND_SCORE = 0.3  # a peak at least this confident counts as a proposal (the decoder sees the top 300)
@@ -88,12 +89,7 @@ def summarise(distance: np.ndarray, found: np.ndarray, pixel_error: np.ndarray, 
 
 def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | None = None, progress=True) -> dict:
     """`peak_errors` over the frames of a split, summarised by distance from the ego vehicle."""
-    from ..data.frames import list_frames
-
-    frames = list_frames(dataroot, split)
-    if not frames:
-        raise ValueError(f"{dataroot} has no {split} frames")
-    frames = frames[:max_frames] if max_frames is not None else frames
+    frames = split_frames(dataroot, split, max_frames)
     config = model.config
     image_size = (config.image_width, config.image_height)
     columns = {"distance": [], "found": [], "pixel_error": [], "depth_error": []}
@@ -104,10 +100,8 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
         iterator = tqdm(frames, desc="probe", unit="frame")
     model.eval()
     for frame in iterator:
-        images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)  # (1, 6, 3, H, W)
-        frame.images = None
         with torch.inference_mode():
-            _, heatmap, regression = model.dense(images, torch.from_numpy(frame.lidar2img).unsqueeze(0))
+            _, heatmap, regression = model.dense(*frame_batch(frame))
             score = heatmap[0].float().sigmoid().amax(1)  # (N, h', w')
             peak = peak_mask(score)
         centers = frame.gt_boxes[np.flatnonzero(frame.gt_valid), :3].astype(np.float64)
@@ -118,7 +112,7 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
         found, pixel_error, depth_error = peak_errors(
             score.numpy(), peak.numpy(), regression[0].float().numpy(), camera, uv, depth, config.head_stride
         )
-        columns["distance"].append(np.linalg.norm(_xy(frame.lidar2ego, centers), axis=1))
+        columns["distance"].append(np.linalg.norm(transformed_xy(frame.lidar2ego, centers), axis=1))
         for key, values in (("found", found), ("pixel_error", pixel_error), ("depth_error", depth_error)):
             columns[key].append(values)
     return summarise(*(np.concatenate(columns[k]) for k in ("distance", "found", "pixel_error", "depth_error")))
