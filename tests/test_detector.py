@@ -90,6 +90,27 @@ def test_decoder_loss_does_not_reach_the_backbone():
     assert model.backbone.stages[0][0].weight.grad is not None
 
 
+def test_backbone_grad_scales_the_decoders_gradient_into_the_backbone():
+    """backbone_grad = s passes s times the decoder's gradient to the backbone, values unchanged."""
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    lidar2img[..., 0, 0] = lidar2img[..., 1, 1] = 80.0
+    images = torch.randint(0, 255, (1, 6, 3, 64, 176), dtype=torch.uint8)
+    grads, outputs = {}, {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = PETRDetector(DetectorConfig(**TINY)).eval()  # eval: BatchNorm uses fixed statistics
+        out = model.decode(model.inputs(images, lidar2img, backbone_grad=scale))
+        (out.cls_scores.sum() + out.bbox_preds.sum()).backward()
+        grads[scale] = model.backbone.stages[-1][0].conv1.weight.grad
+        outputs[scale] = out.bbox_preds.detach()
+        assert all(p.grad is None for p in model.head.parameters())  # the keys do not pass the head
+    assert torch.equal(outputs[1.0], outputs[0.25])
+    assert grads[1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0], rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="backbone_grad must lie in"):
+        model.inputs(images, lidar2img, backbone_grad=1.5)
+
+
 def test_train_resume_save_load_evaluate(dataset, tmp_path):
     run = tmp_path / "run"
     tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}

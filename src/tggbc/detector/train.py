@@ -159,6 +159,7 @@ def train(
     config: dict | None = None,
     init: str | Path | None = None,
     augment: bool = True,
+    backbone_grad: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Train; returns the checkpoint path. See the module docstring.
@@ -166,8 +167,11 @@ def train(
     `data` is one dataroot or several (their train frames are pooled; see `FrameSet`). The image
     size comes from the data; `config` may set other DetectorConfig fields. `init`
     starts a new run from another run's tensors (see `warm_start`); ignored when resuming.
-    `augment` jitters the images' colours (see `augment.py`).
+    `augment` jitters the images' colours (see `augment.py`). `backbone_grad` is the share of
+    the decoder's gradient that reaches the backbone (see `PETRDetector.inputs`).
     """
+    if not 0.0 <= backbone_grad <= 1.0:
+        raise ValueError(f"backbone_grad must lie in [0, 1], got {backbone_grad}")
     if not 0 <= dense_iterations < iterations:
         raise ValueError(f"dense_iterations must lie in [0, iterations={iterations}), got {dense_iterations}")
     out = Path(out)
@@ -250,7 +254,7 @@ def train(
                 learning_rate(iteration - dense_iterations, iterations - dense_iterations, lr, warmup) if joint else 0.0
             )
             if joint:
-                inputs = model.inputs(images, lidar2img)
+                inputs = model.inputs(images, lidar2img, backbone_grad)
                 heatmap, regression = inputs.heatmap, inputs.regression
                 output = model.decode(inputs)
                 loss, parts = detection_loss(output.cls_scores, output.bbox_preds, labels, targets, loss_cfg)
@@ -316,6 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
     )
     parser.add_argument("--no-augment", action="store_true", help="no colour jitter (runs 1-4 trained without)")
+    parser.add_argument(
+        "--backbone-grad",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="share of the decoder's gradient that reaches the backbone, 0 (detached, default) to 1",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
@@ -349,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
         config={"fine_head": True} if args.fine_head else None,
         init=args.init,
         augment=not args.no_augment,
+        backbone_grad=args.backbone_grad,
         progress=not args.quiet,
     )
     print(f"checkpoint: {path}")
