@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tggbc.detector.bound import depth_sigma, match_radial_errors, viewing_camera
+from tggbc.detector.bound import depth_sigma, match_radial_errors, true_classes, viewing_camera
 
 
 def test_depth_sigma_single_length_matches_reading_the_span_one_sigma_off():
@@ -72,6 +72,34 @@ def test_matching_is_greedy_by_score_within_class_and_2_m():
     assert errors[1] == pytest.approx(-1.0)
     assert np.isnan(errors[2])
     assert np.isnan(match_radial_errors(np.zeros((0, 2)), pred_labels[:0], pred_scores[:0], gt_xy, gt_labels)).all()
+
+
+def test_true_classes_takes_the_class_of_the_nearest_ground_truth_within_2_m():
+    from types import SimpleNamespace
+
+    # Lidar frame = ego frame shifted 1 m forward; ego frame = global frame shifted 100 m east.
+    lidar2ego, ego2global = np.eye(4), np.eye(4)
+    lidar2ego[0, 3], ego2global[0, 3] = 1.0, 100.0
+    frame = SimpleNamespace(
+        sample_token="s",
+        lidar2ego=lidar2ego,
+        ego2global=ego2global,
+        gt_boxes=np.array([[10.0, 0, 0], [10.0, 3.0, 0], [30.0, 0, 0]]),
+        gt_labels=np.array([0, 8, 5]),  # car, pedestrian, barrier (DETECTION_CLASSES order)
+        gt_valid=np.array([True, True, False]),  # the barrier is not scored, so not used either
+    )
+
+    def box(x, y, name):
+        return {"translation": [x, y, 0.0], "detection_name": name, "detection_score": 0.5}
+
+    # Global x = lidar x + 101. Nearest to the car (1.2 m) / nearer the pedestrian (1.2 vs 1.8 m) /
+    # 2.5 m from either / on the invalid barrier.
+    boxes = [box(111.0, 1.2, "truck"), box(111.0, 1.8, "car"), box(113.5, 0.0, "bus"), box(131.0, 0.0, "car")]
+    out, changed = true_classes([frame], {"s": boxes})
+    assert [b["detection_name"] for b in out["s"]] == ["car", "pedestrian", "bus", "car"]
+    assert changed == 2
+    assert boxes[0]["detection_name"] == "truck"  # the input is not modified
+    assert true_classes([frame], {"s": []}) == ({"s": []}, 0)
 
 
 pytest.importorskip("nuscenes", reason="the bound is scored by nuscenes-devkit")
@@ -141,8 +169,11 @@ def test_bound_command_scores_a_perfect_submission_like_the_zero_pixel_oracle(da
         )
         == 0
     )
-    last = json.loads((second / "bound.json").read_text())["rows"][-1]
+    *_, last, relabelled = json.loads((second / "bound.json").read_text())["rows"]
     assert last["kind"] == "submission" and last["mAP"] == pytest.approx(rows[0]["mAP"])
+    # Every box of a perfect submission already has its true class.
+    assert relabelled["kind"] == "true_classes" and relabelled["relabelled"] == 0
+    assert relabelled["mAP"] == pytest.approx(last["mAP"])
     radial = last["radial"]
     assert radial["matched"] == rows[0]["radial"]["matched"] and sum(radial["matched"]) > 0
     assert all(m == pytest.approx(0.0, abs=1e-6) for m in radial["median_m"] if not np.isnan(m))
