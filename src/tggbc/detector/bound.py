@@ -353,10 +353,11 @@ def format_rows(rows: list[dict]) -> str:
     matched boxes and the share of GT boxes matched within 2 m."""
     bands = [f"{lo:g}-{hi:g}" for lo, hi in rows[0]["radial"]["bands"]]
     width = 6 * len(bands)
+    name = max(22, *(len(row["name"]) for row in rows))
     lines = [
-        f"{'':<22} {'mAP':>6} {'NDS':>6} {'mATE':>6}  "
+        f"{'':<{name}} {'mAP':>6} {'NDS':>6} {'mATE':>6}  "
         f"{'median |radial error|, m':^{width}}  {'GT matched within 2 m':^{width}}",
-        f"{'distance band, m':<43}{''.join(f'{b:>6}' for b in bands)}  {''.join(f'{b:>6}' for b in bands)}",
+        f"{'distance band, m':<{name + 21}}{''.join(f'{b:>6}' for b in bands)}  {''.join(f'{b:>6}' for b in bands)}",
     ]
     for row in rows:
         radial = row["radial"]
@@ -365,7 +366,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{m / g if g else float('nan'):>6.2f}" for m, g in zip(radial["matched"], radial["gt"], strict=True)
         )
         lines.append(
-            f"{row['name']:<22} {row['mAP']:>6.4f} {row['NDS']:>6.4f} {row['mATE']:>6.3f}  {medians}  {shares}"
+            f"{row['name']:<{name}} {row['mAP']:>6.4f} {row['NDS']:>6.4f} {row['mATE']:>6.3f}  {medians}  {shares}"
         )
     return "\n".join(lines)
 
