@@ -314,6 +314,8 @@ def bound(dataroot, out_dir, pixels=(0.0, 0.25, 0.5, 1.0), submission=None, seed
     out_dir = Path(out_dir)
     jobs = [("oracle", f"ideal, {p:g} px", p) for p in pixels]
     if submission is not None:
+        with open(submission) as f:
+            submitted = json.load(f)["results"]
         stem = Path(submission).stem
         jobs += [("submission", stem, None), ("true_classes", f"{stem}, true classes", None)]
     if progress:
@@ -325,10 +327,9 @@ def bound(dataroot, out_dir, pixels=(0.0, 0.25, 0.5, 1.0), submission=None, seed
         if kind == "oracle":
             results, file_name = oracle_submission(frames, image_size, sigma, seed), f"results_ideal_{sigma:g}px.json"
         elif kind == "submission":
-            with open(submission) as f:
-                results, file_name = json.load(f)["results"], "results_submission.json"
+            results, file_name = submitted, "results_submission.json"
         else:  # the same boxes, each near a ground-truth box given its class
-            results, changed = true_classes(frames, results)
+            results, changed = true_classes(frames, submitted)
             file_name = "results_submission_true_classes.json"
         # Scored from a file in out_dir: the devkit writes its metric files beside the submission.
         scored = write_json_atomic(out_dir / file_name, {"meta": SUBMISSION_META, "results": results})

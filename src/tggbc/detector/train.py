@@ -170,6 +170,7 @@ def train(
     `augment` jitters the images' colours (see `augment.py`). `backbone_grad` is the share of
     the decoder's gradient that reaches the backbone (see `PETRDetector.inputs`).
     """
+    # PETRDetector.inputs checks this too, but only after minutes of loading frames.
     if not 0.0 <= backbone_grad <= 1.0:
         raise ValueError(f"backbone_grad must lie in [0, 1], got {backbone_grad}")
     if not 0 <= dense_iterations < iterations:
