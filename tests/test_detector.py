@@ -282,13 +282,13 @@ def test_fine_head_runs_on_a_grid_twice_as_fine_and_starts_from_a_coarse_head(tm
 
 def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):
     tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
-    ckpt = train(
-        dataset, tmp_path / "run", iterations=2, batch=1, warmup=1, config=dict(tiny, fine_head=True), progress=False
-    )
+    config = dict(tiny, fine_head=True, proposal_class=True)
+    ckpt = train(dataset, tmp_path / "run", iterations=2, batch=1, warmup=1, config=config, progress=False)
     state = torch.load(ckpt, weights_only=False)
     assert state["config"]["fine_head"] is True and "head.lateral.weight" in state["model"]
-    # The lateral conv learned from the dense loss (it started at zero).
+    # The lateral conv learned from the dense loss, the proposal-class map from the decoder's (both started at zero).
     assert state["model"]["head.lateral.weight"].abs().sum() > 0
+    assert state["config"]["proposal_class"] is True and state["model"]["proposal_class.weight"].abs().sum() > 0
 
 
 def test_frames_of_several_datasets_are_pooled(dataset, tmp_path):
@@ -346,3 +346,81 @@ def test_probe_counts_every_object_a_camera_sees(dataset):
         expected += int((seen & (np.linalg.norm(ego[:, :2], axis=1) < 50.0)).sum())
     assert expected > 0 and sum(summary["objects"]) == expected
     assert all(0.0 <= f <= 1.0 for f, n in zip(summary["found"], summary["objects"], strict=True) if n)
+
+
+def _tiny_inputs():
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    lidar2img[..., 0, 0] = lidar2img[..., 1, 1] = 80.0
+    lidar2img[..., 0, 2], lidar2img[..., 1, 2] = 88.0, 32.0
+    images = torch.randint(0, 255, (1, 6, 3, 64, 176), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return images, lidar2img
+
+
+def test_proposal_logits_are_the_heatmap_at_each_querys_cell():
+    from tggbc.detector.dense import select_proposals
+
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY, fine_head=True)).eval()
+    images, lidar2img = _tiny_inputs()
+    with torch.no_grad():
+        inputs = model.inputs(images, lidar2img)
+        cell, _, _ = select_proposals(inputs.heatmap, inputs.regression, lidar2img, 8, model.config.num_queries)
+    _, _, _, h, w = inputs.heatmap.shape
+    for q, index in enumerate(cell[0].tolist()):  # the slow way: camera, row, column of each cell
+        cam, row, col = index // (h * w), (index // w) % h, index % w
+        assert torch.equal(inputs.proposal_logits[0, q], inputs.heatmap[0, cam, :, row, col])
+
+
+def test_proposal_class_starts_at_zero_and_then_shapes_the_queries():
+    images, lidar2img = _tiny_inputs()
+    torch.manual_seed(0)
+    plain = PETRDetector(DetectorConfig(**TINY)).eval()
+    informed = PETRDetector(DetectorConfig(**TINY, proposal_class=True)).eval()
+    missing, unexpected = informed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["proposal_class.weight", "proposal_class.bias"] and not unexpected
+    with torch.no_grad():
+        before = informed.inputs(images, lidar2img)
+        torch.testing.assert_close(before.query, plain.inputs(images, lidar2img).query)
+        informed.proposal_class.weight.fill_(0.5)
+        after = informed.inputs(images, lidar2img)
+    peak = after.query.abs().sum(-1) > 0
+    assert not torch.allclose(after.query[peak], before.query[peak])
+
+
+def test_dense_score_weight_is_a_weighted_geometric_mean_of_the_two_stages():
+    config = DetectorConfig(**TINY, num_classes=2, max_detections=2, dense_score_weight=0.5)
+    model = PETRDetector(config)
+    decoder = torch.tensor([[[2.0, -1.0]]])  # [B=1, Nq=1, C=2] logits
+    dense = torch.tensor([[[-2.0, 4.0]]])
+    (det,) = model.detections(decoder, torch.zeros(1, 1, 10), dense)
+    sig = lambda x: 1.0 / (1.0 + torch.exp(-torch.tensor(x)))  # noqa: E731
+    expected = sorted([float((sig(2.0) * sig(-2.0)).sqrt()), float((sig(-1.0) * sig(4.0)).sqrt())], reverse=True)
+    torch.testing.assert_close(det.score, torch.tensor(expected))
+    assert det.label.tolist() == [1, 0]  # the dense head's confidence in class 1 outranks the decoder's in 0
+    with pytest.raises(ValueError, match=r"dense_score_weight=0.5 needs proposal_logits of shape \(1, 1, 2\)"):
+        model.detections(decoder, torch.zeros(1, 1, 10))
+    with pytest.raises(ValueError, match="dense_score_weight must lie in"):
+        DetectorConfig(dense_score_weight=1.5)
+    alone = PETRDetector(DetectorConfig(**TINY, num_classes=2, max_detections=2))
+    (det,) = alone.detections(decoder, torch.zeros(1, 1, 10), dense)  # weight 0: the decoder alone
+    torch.testing.assert_close(det.score, torch.tensor([float(sig(2.0)), float(sig(-1.0))]))
+
+
+def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, capsys):
+    """`tggbc eval --dense-score-weight` rescores without retraining; a weight outside [0, 1] is refused."""
+    from tggbc.cli import main
+
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY, proposal_class=True, dense_score_weight=0.5))
+    weights = tmp_path / "w.safetensors"
+    save_detector(model, weights)
+    scores = {}
+    for name, extra in (("stored", []), ("decoder", ["--dense-score-weight", "0"])):
+        argv = ["eval", "--data", str(dataset), "--weights", str(weights), "--fractions", "", "--quiet"]
+        assert main([*argv, "--out", str(tmp_path / name), *extra]) == 0
+        results = json.loads((tmp_path / name / "results_dense.json").read_text())["results"]
+        scores[name] = sorted(b["detection_score"] for boxes in results.values() for b in boxes)
+    assert len(scores["stored"]) == len(scores["decoder"]) and scores["stored"] != scores["decoder"]
+    argv = ["eval", "--data", str(dataset), "--weights", str(weights), "--dense-score-weight", "1.5"]
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    assert "dense_score_weight must lie in [0, 1], got 1.5" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +194,7 @@ def evaluate(
                 out = model.decode(inputs)
                 times[s.name].append((time.perf_counter() - start) * 1e3)
                 keys_seen[s.name] = out.keys_per_layer
-                (det,) = model.detections(out.cls_scores[-1], out.bbox_preds[-1])
+                (det,) = model.detections(out.cls_scores[-1], out.bbox_preds[-1], inputs.proposal_logits)
                 submissions[s.name][frame.sample_token] = to_submission_boxes(det, frame)
     model.decoder.pruner = None
 
@@ -277,6 +277,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", choices=SPLIT_NAMES, default="val", help="frames to score (train: how well the model fits them)"
     )
+    parser.add_argument(
+        "--dense-score-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="score detections as sigmoid(decoder)^(1-W) * sigmoid(dense head)^W (default: as the weights say)",
+    )
     parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
@@ -288,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_detector(args.weights)
+    if args.dense_score_weight is not None:
+        model.config = replace(model.config, dense_score_weight=args.dense_score_weight)  # checks the range
     k = default_k(model.config.num_queries) if args.k is None else args.k
     if args.r is not None:
         settings = [Setting("dense"), Setting("tggbc", r=args.r, n=args.n, k=k)]

@@ -40,7 +40,20 @@ class DetectorConfig:
     fine_head: bool = False
     ground_z: float = -1.84  # the road's height in the lidar frame (nuScenes' LIDAR_TOP is 1.84 m up)
     max_detections: int = 300
+    # Each peak query's content also carries the dense head's class logits at the cell it was
+    # selected from (through a linear map that starts at zero): the decoder's keys sit at stride 16,
+    # where a far object shares its token with its surroundings, while the head classifies at its own grid.
+    proposal_class: bool = False
+    # Detection score per class: sigmoid(decoder logit)^(1 - w) * sigmoid(dense head logit at the
+    # query's proposal cell)^w. 0 is the decoder alone; 0.5 is the geometric mean of the two stages'
+    # scores, as CenterNet2 scores its detections. tgGBC is unaffected: it ranks queries by the
+    # decoder's own logits inside the decoder, and the dense head does not depend on the pruning.
+    dense_score_weight: float = 0.0
     dropout: float = 0.0  # no dropout: synthetic data is plentiful, and CPU dropout masks cost more than the layers
+
+    def __post_init__(self):
+        if not 0.0 <= self.dense_score_weight <= 1.0:
+            raise ValueError(f"dense_score_weight must lie in [0, 1], got {self.dense_score_weight}")
 
     @property
     def stride(self) -> int:
@@ -187,7 +200,8 @@ class DecoderInputs(NamedTuple):
     memory, key_pos: [B, Nk, E] keys; key_padding_mask: [B, Nk] or None.
     query: [B, Nq, E] initial targets; reference_points: [B, Nq, 3] normalised anchors.
     heatmap: [B, N, C, h', w'] dense class logits and regression: [B, N, 3, h', w'] on the head's
-    grid; proposals: [B, Nq] the key (token) each query was selected from.
+    grid; proposals: [B, Nq] the key (token) each query was selected from; proposal_logits:
+    [B, Nq, C] the dense head's class logits at the cell each query was selected from.
     """
 
     memory: Tensor
@@ -198,6 +212,7 @@ class DecoderInputs(NamedTuple):
     heatmap: Tensor
     regression: Tensor
     proposals: Tensor
+    proposal_logits: Tensor
 
 
 class Detections(NamedTuple):
@@ -234,6 +249,11 @@ class PETRDetector(nn.Module):
         self.query_proj = nn.Sequential(
             nn.Linear(config.embed_dims, config.embed_dims), nn.LayerNorm(config.embed_dims)
         )
+        self.proposal_class = None
+        if config.proposal_class:
+            self.proposal_class = nn.Linear(config.num_classes, config.embed_dims)
+            nn.init.zeros_(self.proposal_class.weight)  # a model trained without it starts where it was
+            nn.init.zeros_(self.proposal_class.bias)
         self.position = PETRPositionEmbedding(in_channels=self.backbone.out_channels, embed_dims=config.embed_dims)
         self.decoder = PETRDecoder(
             num_layers=config.num_layers,
@@ -312,7 +332,15 @@ class PETRDetector(nn.Module):
         anchors = self.decoder.reference_points.weight[: index.shape[1]].expand(b, -1, -1)
         reference_points = torch.where(is_peak, ((center - low) / (high - low)).clamp(0.0, 1.0), anchors)
         selected = keys.memory.gather(1, index[..., None].expand(-1, -1, keys.memory.shape[-1]))
-        query = torch.where(is_peak, self.query_proj(selected), 0.0)
+        num_classes = heatmap.shape[2]
+        # (B, N, C, h', w') -> (B, N*h'*w', C), camera-major like the cell indices; no gradient:
+        # the dense head learns from its own loss.
+        logits = heatmap.detach().permute(0, 1, 3, 4, 2).flatten(1, 3)
+        proposal_logits = logits.gather(1, cell[..., None].expand(-1, -1, num_classes)).float()
+        content = self.query_proj(selected)
+        if self.proposal_class is not None:
+            content = content + self.proposal_class(proposal_logits.to(content.dtype))
+        query = torch.where(is_peak, content, 0.0)
         return DecoderInputs(
             memory=keys.memory,
             key_pos=keys.key_pos,
@@ -322,6 +350,7 @@ class PETRDetector(nn.Module):
             heatmap=heatmap,
             regression=regression,
             proposals=index,
+            proposal_logits=proposal_logits,
         )
 
     def decode(self, inputs: DecoderInputs, track_keys: bool = False):
@@ -340,16 +369,30 @@ class PETRDetector(nn.Module):
         return self.decode(self.inputs(images, lidar2img), track_keys=track_keys)
 
     @torch.no_grad()
-    def detections(self, cls_scores: Tensor, bbox_preds: Tensor) -> list[Detections]:
-        """NMS-free decoding of the last layer: the top max_detections (query, class) pairs.
+    def detections(
+        self, cls_scores: Tensor, bbox_preds: Tensor, proposal_logits: Tensor | None = None
+    ) -> list[Detections]:
+        """NMS-free decoding of the last layer: the top max_detections (query, class) pairs, scored
+        as `DetectorConfig.dense_score_weight` says.
 
         Args:
-            cls_scores: [B, Nq, C] logits; bbox_preds: [B, Nq, 10] box code.
+            cls_scores: [B, Nq, C] logits; bbox_preds: [B, Nq, 10] box code; proposal_logits:
+                [B, Nq, C] (DecoderInputs.proposal_logits), needed when dense_score_weight > 0.
         """
+        weight = self.config.dense_score_weight
+        log_scores = F.logsigmoid(cls_scores.float())
+        if weight > 0.0:
+            if proposal_logits is None or proposal_logits.shape != cls_scores.shape:
+                got = None if proposal_logits is None else tuple(proposal_logits.shape)
+                raise ValueError(
+                    f"dense_score_weight={weight} needs proposal_logits of shape {tuple(cls_scores.shape)}, got {got}"
+                )
+            # In log space: a product of two probabilities below 1e-38 would underflow to ties at 0.
+            log_scores = (1.0 - weight) * log_scores + weight * F.logsigmoid(proposal_logits.float())
         out = []
         num_classes = cls_scores.shape[-1]
-        for logits, code in zip(cls_scores, bbox_preds, strict=True):
-            scores = logits.float().sigmoid().flatten()
+        for log_score, code in zip(log_scores, bbox_preds, strict=True):
+            scores = log_score.exp().flatten()
             top = scores.topk(min(self.config.max_detections, scores.numel()))
             query, label = top.indices // num_classes, top.indices % num_classes
             center, size, yaw, velocity = decode_boxes(code[query].float())

@@ -320,6 +320,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
     )
+    parser.add_argument(
+        "--proposal-class",
+        action="store_true",
+        help="peak queries also carry the dense head's class logits at their cell (DetectorConfig.proposal_class)",
+    )
+    parser.add_argument(
+        "--dense-score-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="detection score sigmoid(decoder)^(1-W) * sigmoid(dense head)^W, stored with the model (0: decoder only)",
+    )
     parser.add_argument("--no-augment", action="store_true", help="no colour jitter (runs 1-4 trained without)")
     parser.add_argument(
         "--backbone-grad",
@@ -358,7 +370,11 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         num_queries=args.queries,
-        config={"fine_head": True} if args.fine_head else None,
+        config={
+            "fine_head": args.fine_head,
+            "proposal_class": args.proposal_class,
+            "dense_score_weight": args.dense_score_weight,
+        },
         init=args.init,
         augment=not args.no_augment,
         backbone_grad=args.backbone_grad,
