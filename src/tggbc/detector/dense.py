@@ -185,6 +185,19 @@ def peak_mask(score: Tensor) -> Tensor:
     return (F.max_pool2d(flat, 3, 1, 1) == flat).view(score.shape)
 
 
+def cell_values(grid: Tensor, cell: Tensor) -> Tensor:
+    """The channels of a per-camera grid at camera-major cell indices.
+
+    Args:
+        grid: [B, N, K, h, w]. cell: [B, Q] long, index into (camera, row, column).
+    Returns:
+        [B, Q, K].
+    """
+    channels = grid.shape[2]
+    flat = grid.permute(0, 1, 3, 4, 2).flatten(1, 3)  # (B, N*h*w, K), camera-major like the cells
+    return flat.gather(1, cell[..., None].expand(-1, -1, channels))
+
+
 def select_proposals(
     cls_logits: Tensor, reg_pred: Tensor, lidar2img: Tensor, stride: int, count: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,7 +211,7 @@ def select_proposals(
         [B, count, 3] in the lidar frame, metres, and is_peak [B, count] bool (the token is a 3x3
         local maximum of its camera's best class score; peaks come first). No gradient.
     """
-    b, n, _, h, w = cls_logits.shape
+    _, n, _, h, w = cls_logits.shape
     if count > n * h * w:
         raise ValueError(f"cannot select {count} proposals from {n * h * w} tokens ({n} cameras x {h}x{w})")
     with torch.no_grad():
@@ -211,8 +224,7 @@ def select_proposals(
         score = (score + peak * 100.0).flatten(1)  # (B, N*h*w), camera-major like the keys
         index = score.topk(count, dim=1).indices  # (B, count)
         is_peak = peak.flatten(1).gather(1, index)  # (B, count)
-        reg = reg_pred.float().permute(0, 1, 3, 4, 2).reshape(b, n * h * w, REG_CHANNELS)
-        reg = reg.gather(1, index[..., None].expand(-1, -1, REG_CHANNELS))
+        reg = cell_values(reg_pred.float(), index)
         cam, row, col = index // (h * w), (index // w) % h, index % w
         u = (col + 0.5 + reg[..., 0]) * stride
         v = (row + 0.5 + reg[..., 1]) * stride

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..models.petr import PETRDecoder
 from ..models.position import PETRPositionEmbedding
 from ..pruner import KeyPruner
-from .dense import GEOMETRY_CHANNELS, REG_CHANNELS, camera_geometry, key_index, select_proposals
+from .dense import GEOMETRY_CHANNELS, REG_CHANNELS, camera_geometry, cell_values, key_index, select_proposals
 from .loss import decode_boxes
 
 
@@ -332,11 +332,8 @@ class PETRDetector(nn.Module):
         anchors = self.decoder.reference_points.weight[: index.shape[1]].expand(b, -1, -1)
         reference_points = torch.where(is_peak, ((center - low) / (high - low)).clamp(0.0, 1.0), anchors)
         selected = keys.memory.gather(1, index[..., None].expand(-1, -1, keys.memory.shape[-1]))
-        num_classes = heatmap.shape[2]
-        # (B, N, C, h', w') -> (B, N*h'*w', C), camera-major like the cell indices; no gradient:
-        # the dense head learns from its own loss.
-        logits = heatmap.detach().permute(0, 1, 3, 4, 2).flatten(1, 3)
-        proposal_logits = logits.gather(1, cell[..., None].expand(-1, -1, num_classes)).float()
+        # No gradient: the dense head learns from its own loss.
+        proposal_logits = cell_values(heatmap.detach(), cell).float()  # (B, Nq, C)
         content = self.query_proj(selected)
         if self.proposal_class is not None:
             content = content + self.proposal_class(proposal_logits.to(content.dtype))
