@@ -16,6 +16,7 @@ from tggbc.detector.dense import (
     dense_loss,
     dense_targets,
     key_index,
+    proposal_peaks,
     select_proposals,
 )
 
@@ -153,6 +154,61 @@ def test_peaks_come_before_stronger_neighbours():
     index, _, peak = select_proposals(logits, torch.zeros(1, 1, 3, 1, 5), torch.eye(4)[None, None], 16, 5)
     assert index[0].tolist()[:3] == [2, 4, 1]
     assert peak[0].tolist() == [True, True, False, False, False]
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_class_peaks_by_hand():
+    # One row of three cells, two classes. Cell 0: class 0 at 0.9. Cell 1: class 0 at 0.5 (its best,
+    # below cell 0's) and class 1 at 0.4, the highest class-1 score around. Cell 2: 0.1 for both.
+    probs = [[0.9, 0.5, 0.1], [0.05, 0.4, 0.1]]
+    logits = torch.tensor([[logit(p) for p in row] for row in probs]).view(2, 1, 3)
+    assert proposal_peaks(logits).tolist() == [[True, False, False]]  # best-class peaks only
+    assert proposal_peaks(logits, 0.3).tolist() == [[True, True, False]]  # class 1 peaks at 0.4 >= 0.3
+    assert proposal_peaks(logits, 0.45).tolist() == [[True, False, False]]  # ... but not >= 0.45
+    # The extra peak is proposed right after the best-class one, ahead of the non-peak.
+    index, _, peak = select_proposals(
+        logits[None, None], torch.zeros(1, 1, 3, 1, 3), torch.eye(4)[None, None], 16, 3, 0.3
+    )
+    assert index[0].tolist() == [0, 1, 2] and peak[0].tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="class_peak_threshold must lie in \\(0, 1\\), got 1.5"):
+        proposal_peaks(logits, 1.5)
+
+
+def slow_peaks(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """proposal_peaks cell by cell: [C, h, w] probabilities -> [h, w] bool."""
+    c, h, w = probs.shape
+    best = probs.max(0)
+    out = np.zeros((h, w), bool)
+    for r in range(h):
+        for q in range(w):
+            around = (slice(max(r - 1, 0), r + 2), slice(max(q - 1, 0), q + 2))
+            out[r, q] = best[r, q] >= best[around].max()
+            if threshold is not None:
+                out[r, q] |= any(
+                    probs[k, r, q] >= threshold and probs[k, r, q] >= probs[k][around].max() for k in range(c)
+                )
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 5),
+    st.one_of(st.none(), st.floats(0.05, 0.95)),
+    st.integers(0, 2**31 - 1),
+)
+def test_proposal_peaks_against_a_cell_by_cell_loop(classes, h, w, threshold, seed):
+    # Probabilities on a coarse grid of values, so that ties (equal neighbours) occur too.
+    probs = np.random.default_rng(seed).integers(1, 10, (classes, h, w)) / 10.0
+    logits = torch.from_numpy(np.log(probs / (1 - probs)))
+    got = proposal_peaks(logits, threshold).numpy()
+    np.testing.assert_array_equal(got, slow_peaks(probs, threshold))
+    # Class peaks only ever add proposals to the best-class ones.
+    assert (got >= proposal_peaks(logits).numpy()).all()
 
 
 def test_key_index_maps_fine_cells_to_their_keys_by_hand():

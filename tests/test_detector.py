@@ -407,7 +407,8 @@ def test_dense_score_weight_is_a_weighted_geometric_mean_of_the_two_stages():
 
 
 def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, capsys):
-    """`tggbc eval --dense-score-weight` rescores without retraining; a weight outside [0, 1] is refused."""
+    """`tggbc eval --dense-score-weight` rescores without retraining, `--class-peak-threshold`
+    proposes differently; values outside their ranges are refused."""
     from tggbc.cli import main
 
     torch.manual_seed(0)
@@ -415,12 +416,23 @@ def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, c
     weights = tmp_path / "w.safetensors"
     save_detector(model, weights)
     scores = {}
-    for name, extra in (("stored", []), ("decoder", ["--dense-score-weight", "0"])):
+    overrides = (
+        ("stored", []),
+        ("decoder", ["--dense-score-weight", "0"]),
+        ("class_peaks", ["--class-peak-threshold", "0.05"]),
+    )
+    for name, extra in overrides:
         argv = ["eval", "--data", str(dataset), "--weights", str(weights), "--fractions", "", "--quiet"]
         assert main([*argv, "--out", str(tmp_path / name), *extra]) == 0
         results = json.loads((tmp_path / name / "results_dense.json").read_text())["results"]
         scores[name] = sorted(b["detection_score"] for boxes in results.values() for b in boxes)
     assert len(scores["stored"]) == len(scores["decoder"]) and scores["stored"] != scores["decoder"]
-    argv = ["eval", "--data", str(dataset), "--weights", str(weights), "--dense-score-weight", "1.5"]
-    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
-    assert "dense_score_weight must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    assert scores["class_peaks"] != scores["stored"]
+    bad = (
+        ("--dense-score-weight", "1.5", "dense_score_weight must lie in [0, 1], got 1.5"),
+        ("--class-peak-threshold", "1", "class_peak_threshold must be None or lie in (0, 1), got 1.0"),
+    )
+    for flag, value, message in bad:
+        argv = ["eval", "--data", str(dataset), "--weights", str(weights), flag, value]
+        assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err

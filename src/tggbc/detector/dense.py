@@ -185,6 +185,27 @@ def peak_mask(score: Tensor) -> Tensor:
     return (F.max_pool2d(flat, 3, 1, 1) == flat).view(score.shape)
 
 
+def proposal_peaks(cls_logits: Tensor, class_peak_threshold: float | None = None) -> Tensor:
+    """Which cells propose an object: cls_logits [..., C, h, w] -> bool [..., h, w].
+
+    A cell is a peak of its best class score (`peak_mask`). With `class_peak_threshold` t, it is
+    also one where some class's probability is a 3x3 local maximum of that class alone and at least
+    t: a pedestrian beside a car, or a far car behind a nearer truck, then keeps a proposal of its
+    own, where the best-class test leaves it to its neighbour's, at its neighbour's depth. Low
+    thresholds also let through weak secondary maxima next to objects already proposed, which an
+    NMS-free decoder then reports twice (measured: `tggbc eval --class-peak-threshold`, README).
+    """
+    logits = cls_logits.float()
+    peak = peak_mask(logits.amax(-3))
+    if class_peak_threshold is not None:
+        if not 0.0 < class_peak_threshold < 1.0:
+            raise ValueError(f"class_peak_threshold must lie in (0, 1), got {class_peak_threshold}")
+        # The sigmoid is monotonic: logits have the same local maxima as probabilities.
+        floor = math.log(class_peak_threshold / (1.0 - class_peak_threshold))
+        peak |= (peak_mask(logits) & (logits >= floor)).any(-3)
+    return peak
+
+
 def cell_values(grid: Tensor, cell: Tensor) -> Tensor:
     """The channels of a per-camera grid at camera-major cell indices.
 
@@ -199,17 +220,23 @@ def cell_values(grid: Tensor, cell: Tensor) -> Tensor:
 
 
 def select_proposals(
-    cls_logits: Tensor, reg_pred: Tensor, lidar2img: Tensor, stride: int, count: int
+    cls_logits: Tensor,
+    reg_pred: Tensor,
+    lidar2img: Tensor,
+    stride: int,
+    count: int,
+    class_peak_threshold: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The `count` most confident tokens and the 3D centres they predict.
 
     Args:
         cls_logits: [B, N, C, h, w]. reg_pred: [B, N, 3, h, w]. lidar2img: [B, N, 4, 4].
         stride: pixels per token. count: how many proposals (the decoder's query count).
+        class_peak_threshold: see `proposal_peaks`.
     Returns:
         token index [B, count] into the camera-major keys (camera, row, column), centre
-        [B, count, 3] in the lidar frame, metres, and is_peak [B, count] bool (the token is a 3x3
-        local maximum of its camera's best class score; peaks come first). No gradient.
+        [B, count, 3] in the lidar frame, metres, and is_peak [B, count] bool (the token passes
+        `proposal_peaks`; peaks come first, each group by its best class score). No gradient.
     """
     _, n, _, h, w = cls_logits.shape
     if count > n * h * w:
@@ -220,7 +247,7 @@ def select_proposals(
         # neighbours, which would be near-duplicates the decoder's one-to-one matching must then
         # tell apart (measured: that is what held the decoder's scores back). The caller decides
         # what to do with the non-peak slots at the end.
-        peak = peak_mask(score)
+        peak = proposal_peaks(cls_logits, class_peak_threshold)
         score = (score + peak * 100.0).flatten(1)  # (B, N*h*w), camera-major like the keys
         index = score.topk(count, dim=1).indices  # (B, count)
         is_peak = peak.flatten(1).gather(1, index)  # (B, count)

@@ -49,11 +49,17 @@ class DetectorConfig:
     # scores, as CenterNet2 scores its detections. tgGBC is unaffected: it ranks queries by the
     # decoder's own logits inside the decoder, and the dense head does not depend on the pruning.
     dense_score_weight: float = 0.0
+    # None: a cell proposes an object where its best class score is a 3x3 local maximum. A
+    # probability t: also where one class alone peaks with probability at least t (`proposal_peaks`).
+    class_peak_threshold: float | None = None
     dropout: float = 0.0  # no dropout: synthetic data is plentiful, and CPU dropout masks cost more than the layers
 
     def __post_init__(self):
         if not 0.0 <= self.dense_score_weight <= 1.0:
             raise ValueError(f"dense_score_weight must lie in [0, 1], got {self.dense_score_weight}")
+        t = self.class_peak_threshold
+        if t is not None and not 0.0 < t < 1.0:
+            raise ValueError(f"class_peak_threshold must be None or lie in (0, 1), got {t}")
 
     @property
     def stride(self) -> int:
@@ -321,7 +327,12 @@ class PETRDetector(nn.Module):
         # shape the features for what only the decoder is scored on (class, size, heading).
         keys = self.position(scale_gradient(feats, backbone_grad), lidar2img, (h, w))
         cell, center, is_peak = select_proposals(
-            heatmap, regression, lidar2img, self.config.head_stride, self.config.num_queries
+            heatmap,
+            regression,
+            lidar2img,
+            self.config.head_stride,
+            self.config.num_queries,
+            self.config.class_peak_threshold,
         )
         index = key_index(cell, heatmap.shape[-2:], self.config.stride // self.config.head_stride)
         low, high = self.decoder.pc_range[:3], self.decoder.pc_range[3:]

@@ -20,7 +20,7 @@ import torch
 from ..data.transforms import project_points
 from ..files import write_json_atomic
 from .bound import DISTANCE_BANDS, transformed_xy, viewing_camera
-from .dense import peak_mask
+from .dense import proposal_peaks
 from .evaluate import frame_batch, split_frames
 from .model import PETRDetector
 
@@ -103,7 +103,7 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
         with torch.inference_mode():
             _, heatmap, regression = model.dense(*frame_batch(frame))
             score = heatmap[0].float().sigmoid().amax(1)  # (N, h', w')
-            peak = peak_mask(score)
+            peak = proposal_peaks(heatmap[0], config.class_peak_threshold)
         centers = frame.gt_boxes[np.flatnonzero(frame.gt_valid), :3].astype(np.float64)
         camera, depth = viewing_camera(centers, frame.lidar2img, image_size)
         seen = camera >= 0

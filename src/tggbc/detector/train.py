@@ -332,6 +332,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="W",
         help="detection score sigmoid(decoder)^(1-W) * sigmoid(dense head)^W, stored with the model (0: decoder only)",
     )
+    parser.add_argument(
+        "--class-peak-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="cells where one class alone peaks with probability >= T also propose queries, stored with the model",
+    )
     parser.add_argument("--no-augment", action="store_true", help="no colour jitter (runs 1-4 trained without)")
     parser.add_argument(
         "--backbone-grad",
@@ -374,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
             "fine_head": args.fine_head,
             "proposal_class": args.proposal_class,
             "dense_score_weight": args.dense_score_weight,
+            "class_peak_threshold": args.class_peak_threshold,
         },
         init=args.init,
         augment=not args.no_augment,
