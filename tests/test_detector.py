@@ -436,3 +436,21 @@ def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, c
         argv = ["eval", "--data", str(dataset), "--weights", str(weights), flag, value]
         assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_train_command_passes_quality_focal_to_the_loss(dataset, tmp_path, monkeypatch):
+    from tggbc.cli import main
+    from tggbc.detector import train as train_module
+
+    seen = []
+
+    def spy(cls_scores, bbox_preds, labels, targets, cfg):
+        seen.append(cfg.quality_focal)
+        return detection_loss(cls_scores, bbox_preds, labels, targets, cfg)
+
+    monkeypatch.setattr(train_module, "detection_loss", spy)
+    monkeypatch.setattr(train_module, "DetectorConfig", lambda **kw: DetectorConfig(**{**kw, **TINY}))
+    argv = ["train", "--data", str(dataset), "--iterations", "1", "--batch", "1", "--warmup", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "quality"), "--quality-focal"]) == 0
+    assert seen == [False, True]

@@ -24,6 +24,14 @@ class LossConfig:
     focal_gamma: float = 2.0
     # velocity counts less than geometry in the box loss, as in the hosts' code_weights
     code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    # False: a matched query's class target is 1 (the hosts). True: it is the localisation quality
+    # of its box (`localisation_quality`), so that the score ranks boxes by how likely they are
+    # to count as true positives, not only by whether an object is there (quality focal loss).
+    quality_focal: bool = False
+
+
+# The nuScenes detection metric's centre-distance thresholds, metres (detection_cvpr_2019).
+MATCH_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 
 
 def encode_boxes(center: Tensor, size: Tensor, yaw: Tensor, velocity: Tensor) -> Tensor:
@@ -83,13 +91,32 @@ def hungarian_match(logits: Tensor, boxes: Tensor, labels: Tensor, targets: Tens
     )
 
 
+def localisation_quality(pred_xy: Tensor, gt_xy: Tensor) -> Tensor:
+    """How well each predicted centre would score under the nuScenes metric, in [0, 1].
+
+    The metric matches a box at each threshold t of MATCH_THRESHOLDS whose centre lies within t
+    metres (xy) and averages the APs over them; the quality is the smooth version of the share of
+    thresholds at which the box matches: mean over t of exp(-(d / t)^2), d the centre distance.
+    1 at d = 0; about 0.53 at 1 m, 0.29 at 2 m, 0.10 at 4 m.
+
+    Args:
+        pred_xy, gt_xy: [M, 2] centres in metres. Returns: [M], no gradient.
+    """
+    d = (pred_xy.detach().float() - gt_xy.float()).norm(dim=-1)
+    t = d.new_tensor(MATCH_THRESHOLDS)
+    return torch.exp(-((d[:, None] / t) ** 2)).mean(-1)
+
+
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Summed sigmoid focal loss; target is a {0, 1} tensor shaped like logits."""
+    """Summed sigmoid focal loss. target is shaped like logits with values in [0, 1]: 0 marks a
+    negative; a positive may be soft (its quality), and then the modulating factor is
+    |target - p|^gamma and the cross-entropy is taken against the soft target (the quality focal
+    loss of Generalized Focal Loss). For {0, 1} targets both reduce to the usual focal loss."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    weight = alpha * target + (1 - alpha) * (1 - target)
-    return (weight * (1 - p_t).pow(gamma) * ce).sum()
+    positive = target > 0
+    weight = torch.where(positive, alpha, 1 - alpha)
+    return (weight * (target - p).abs().pow(gamma) * ce).sum()
 
 
 def detection_loss(
@@ -119,7 +146,12 @@ def detection_loss(
             logits, boxes = cls_scores[layer, b], bbox_preds[layer, b]
             q_idx, t_idx = hungarian_match(logits, boxes, gt_labels[b], gt_boxes[b], cfg)
             target = torch.zeros_like(logits)
-            target[q_idx, gt_labels[b][t_idx]] = 1.0
+            if cfg.quality_focal and q_idx.numel():
+                quality = localisation_quality(boxes[q_idx, :2], gt_boxes[b][t_idx, :2])
+                # A floor keeps every matched query a positive, however far off its box is.
+                target[q_idx, gt_labels[b][t_idx]] = quality.clamp_min(1e-3).to(target.dtype)
+            else:
+                target[q_idx, gt_labels[b][t_idx]] = 1.0
             cls_loss = cls_loss + sigmoid_focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
             if q_idx.numel():
                 diff = (boxes[q_idx] - gt_boxes[b][t_idx]).abs() * code_weights

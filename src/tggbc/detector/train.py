@@ -160,6 +160,7 @@ def train(
     init: str | Path | None = None,
     augment: bool = True,
     backbone_grad: float = 0.0,
+    quality_focal: bool = False,
     progress: bool = True,
 ) -> Path:
     """Train; returns the checkpoint path. See the module docstring.
@@ -169,6 +170,8 @@ def train(
     starts a new run from another run's tensors (see `warm_start`); ignored when resuming.
     `augment` jitters the images' colours (see `augment.py`). `backbone_grad` is the share of
     the decoder's gradient that reaches the backbone (see `PETRDetector.inputs`).
+    `quality_focal` makes a matched query's class target its box's localisation quality (see
+    `LossConfig.quality_focal`).
     """
     # PETRDetector.inputs checks this too, but only after minutes of loading frames.
     if not 0.0 <= backbone_grad <= 1.0:
@@ -213,7 +216,7 @@ def train(
         start = state["iteration"]
         generator.set_state(state["generator"])
         print(f"resumed from {checkpoint_path} at iteration {start}")
-    loss_cfg = LossConfig()
+    loss_cfg = LossConfig(quality_focal=quality_focal)
     log_path = out / "loss.csv"
     if not log_path.exists():
         log_path.write_text("iteration,seconds,loss,cls,box,heatmap,depth,lr\n")
@@ -347,6 +350,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="share of the decoder's gradient that reaches the backbone, 0 (detached, default) to 1",
     )
+    parser.add_argument(
+        "--quality-focal",
+        action="store_true",
+        help="a matched query's class target is its box's localisation quality, not 1 (LossConfig.quality_focal)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
@@ -386,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         augment=not args.no_augment,
         backbone_grad=args.backbone_grad,
+        quality_focal=args.quality_focal,
         progress=not args.quiet,
     )
     print(f"checkpoint: {path}")
