@@ -146,12 +146,11 @@ def detection_loss(
             logits, boxes = cls_scores[layer, b], bbox_preds[layer, b]
             q_idx, t_idx = hungarian_match(logits, boxes, gt_labels[b], gt_boxes[b], cfg)
             target = torch.zeros_like(logits)
-            if cfg.quality_focal and q_idx.numel():
-                quality = localisation_quality(boxes[q_idx, :2], gt_boxes[b][t_idx, :2])
+            value = 1.0
+            if cfg.quality_focal:
                 # A floor keeps every matched query a positive, however far off its box is.
-                target[q_idx, gt_labels[b][t_idx]] = quality.clamp_min(1e-3).to(target.dtype)
-            else:
-                target[q_idx, gt_labels[b][t_idx]] = 1.0
+                value = localisation_quality(boxes[q_idx, :2], gt_boxes[b][t_idx, :2]).clamp_min(1e-3).to(target.dtype)
+            target[q_idx, gt_labels[b][t_idx]] = value
             cls_loss = cls_loss + sigmoid_focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
             if q_idx.numel():
                 diff = (boxes[q_idx] - gt_boxes[b][t_idx]).abs() * code_weights
