@@ -291,6 +291,86 @@ def test_fine_head_trains_on_stride_8_targets(dataset, tmp_path):
     assert state["config"]["proposal_class"] is True and state["model"]["proposal_class.weight"].abs().sum() > 0
 
 
+def test_detail_head_starts_as_the_fine_head_it_extends_and_then_learns(tmp_path):
+    from tggbc.detector.dense import dense_loss
+    from tggbc.detector.train import warm_start
+
+    torch.manual_seed(0)
+    fine = PETRDetector(DetectorConfig(**TINY, fine_head=True)).eval()
+    save_detector(fine, tmp_path / "fine.safetensors", dtype=torch.float32)
+    detail = PETRDetector(DetectorConfig(**TINY, fine_head=True, detail_head=True)).eval()
+    new = warm_start(detail, tmp_path / "fine.safetensors")
+    assert new and all(name.startswith("head.detail.") for name in new)
+    assert "head.detail.reg.weight" in new and "head.detail.cls.weight" in new
+
+    lidar2img = torch.eye(4).expand(1, 6, 4, 4).clone()
+    lidar2img[..., 0, 0] = lidar2img[..., 1, 1] = 80.0
+    lidar2img[..., 0, 2], lidar2img[..., 1, 2] = 88.0, 32.0
+    images = torch.randint(0, 255, (1, 6, 3, 64, 176), dtype=torch.uint8)
+    with torch.no_grad():
+        _, heat_before, reg_before = fine.dense(images, lidar2img)
+        _, heat, reg = detail.dense(images, lidar2img)
+    # Its output convs start at zero: exactly the fine head's outputs.
+    assert torch.equal(heat, heat_before) and torch.equal(reg, reg_before)
+
+    # One step of the dense loss moves the output convs off zero; the outputs then differ.
+    detail.train()
+    optimizer = torch.optim.SGD(detail.head.detail.parameters(), lr=0.1)
+    _, heat, reg = detail.dense(images, lidar2img)
+    target = torch.zeros_like(heat)
+    target[..., 3, 5] = 1.0
+    heat_loss, reg_loss = dense_loss(heat, reg, target, torch.ones_like(reg), torch.ones_like(reg[:, :, 0]))
+    (heat_loss + reg_loss).backward()
+    optimizer.step()
+    assert detail.head.detail.reg.weight.abs().sum() > 0 and detail.head.detail.cls.weight.abs().sum() > 0
+    detail.eval()
+    with torch.no_grad():
+        _, heat_after, reg_after = detail.dense(images, lidar2img)
+    assert not torch.equal(heat_after, heat_before) and not torch.equal(reg_after, reg_before)
+
+
+def test_detail_head_reads_the_stride_4_pixels_of_its_own_cells():
+    from tggbc.detector.model import DenseHead
+
+    torch.manual_seed(0)
+    head = DenseHead(in_channels=32, hidden=8, num_classes=3, fine_channels=16, detail_channels=4).eval()
+    for conv in (head.detail.cls, head.detail.reg):
+        torch.nn.init.normal_(conv.weight)
+    feats, fine = torch.randn(1, 32, 4, 8), torch.randn(1, 16, 8, 16)
+    geometry, detail = torch.randn(1, 3, 8, 16), torch.randn(1, 4, 16, 32)
+    with torch.no_grad():
+        cls, reg = head(feats, geometry, fine, detail)
+        bumped = detail.clone()
+        bumped[..., 9, 20] += 5.0  # a stride-4 pixel of fine cell (4, 10)
+        cls2, reg2 = head(feats, geometry, fine, bumped)
+    changed = ((cls2 - cls).abs().sum(1) + (reg2 - reg).abs().sum(1))[0] > 0  # (8, 16)
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert changed[4, 10]
+    # Two 3x3 convs after the 1x1: nothing beyond two cells of it moves.
+    assert (rows - 4).abs().max() <= 2 and (cols - 10).abs().max() <= 2
+    with pytest.raises(ValueError, match="stride-4"):
+        head(feats, geometry, fine)
+
+
+def test_detail_head_config_is_checked():
+    with pytest.raises(ValueError, match="needs fine_head=True"):
+        DetectorConfig(**TINY, detail_head=True)
+    with pytest.raises(ValueError, match="stride-4 stage"):
+        DetectorConfig(**dict(TINY, backbone_channels=(8, 16)), fine_head=True, detail_head=True)
+
+
+def test_train_command_builds_the_detail_head(dataset, tmp_path, monkeypatch):
+    from tggbc.cli import main
+    from tggbc.detector import train as train_module
+
+    monkeypatch.setattr(train_module, "DetectorConfig", lambda **kw: DetectorConfig(**{**kw, **TINY}))
+    argv = ["train", "--data", str(dataset), "--iterations", "2", "--batch", "1", "--warmup", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--fine-head", "--detail-head"]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["detail_head"] is True
+    assert state["model"]["head.detail.reg.weight"].abs().sum() > 0  # trained off its zero start
+
+
 def test_frames_of_several_datasets_are_pooled(dataset, tmp_path):
     from tggbc.data import generate
     from tggbc.data.frames import list_frames

@@ -38,6 +38,11 @@ class DetectorConfig:
     # The dense head on a grid twice as fine as the keys' (stride 8 under stride-16 keys), from the
     # backbone's second-last stage plus the upsampled last one: far objects are a few pixels wide.
     fine_head: bool = False
+    # With the fine head: a deeper trunk on its grid that also reads the backbone's stride-4 stage
+    # (space-to-depth, so each stride-8 cell sees its 2x2 stride-4 pixels), added to the head's class
+    # and regression outputs through 1x1 convs that start at zero. Beyond 30 m the head's depth was
+    # the detector's bottleneck: the decoder keeps its proposals' range (measured: README).
+    detail_head: bool = False
     ground_z: float = -1.84  # the road's height in the lidar frame (nuScenes' LIDAR_TOP is 1.84 m up)
     max_detections: int = 300
     # Each peak query's content also carries the dense head's class logits at the cell it was
@@ -57,6 +62,10 @@ class DetectorConfig:
     def __post_init__(self):
         if not 0.0 <= self.dense_score_weight <= 1.0:
             raise ValueError(f"dense_score_weight must lie in [0, 1], got {self.dense_score_weight}")
+        if self.detail_head and not self.fine_head:
+            raise ValueError("detail_head=True needs fine_head=True (the detail trunk runs on the stride-8 grid)")
+        if self.detail_head and len(self.backbone_channels) < 3:
+            raise ValueError(f"detail_head=True needs a stride-4 stage: backbone_channels {self.backbone_channels}")
         t = self.class_peak_threshold
         if t is not None and not 0.0 < t < 1.0:
             raise ValueError(f"class_peak_threshold must be None or lie in (0, 1), got {t}")
@@ -148,10 +157,26 @@ class DenseHead(nn.Module):
     With `fine_channels`, the head runs on a grid twice as fine: the features are upsampled and the
     backbone's finer stage [B*N, fine_channels, 2h, 2w] is added through a 1x1 lateral conv (an FPN
     step). The lateral starts at zero, so a head trained at the coarse grid starts from what it knew.
+
+    With `detail_channels` as well, a deeper trunk (`DetailTrunk`) reads the fine-grid features, the
+    stride-4 stage [B*N, detail_channels, 4h, 4w] and the geometry, and adds its own class logits
+    and regression to the head's; its output convs start at zero, so a trained head starts unchanged.
     """
 
-    def __init__(self, in_channels: int, hidden: int, num_classes: int, fine_channels: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        num_classes: int,
+        fine_channels: int | None = None,
+        detail_channels: int | None = None,
+    ):
         super().__init__()
+        if detail_channels is not None and fine_channels is None:
+            raise ValueError("the detail trunk runs on the fine grid: pass fine_channels too")
+        self.detail = None
+        if detail_channels is not None:
+            self.detail = DetailTrunk(in_channels + 4 * detail_channels + GEOMETRY_CHANNELS, num_classes)
         self.lateral = None
         if fine_channels is not None:
             self.lateral = nn.Conv2d(fine_channels, in_channels, 1)
@@ -177,9 +202,13 @@ class DenseHead(nn.Module):
         with torch.no_grad():
             self.reg[-1].bias.copy_(torch.tensor([0.0, 0.0, math.log(20.0)]))  # centre of the cell, 20 m away
 
-    def forward(self, feats: Tensor, geometry: Tensor, fine: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, feats: Tensor, geometry: Tensor, fine: Tensor | None = None, detail: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         if (fine is None) != (self.lateral is None):
             raise ValueError("pass the finer stage's features exactly when the head was built with fine_channels")
+        if (detail is None) != (self.detail is None):
+            raise ValueError("pass the stride-4 stage's features exactly when the head was built with detail_channels")
         if fine is not None:
             up = F.interpolate(feats, size=fine.shape[-2:], mode="bilinear", align_corners=False)
             feats = up + self.lateral(fine)
@@ -188,7 +217,36 @@ class DenseHead(nn.Module):
             conv, relu, out = branch
             return out(relu(conv(feats) + extra(geometry)))
 
-        return run(self.cls, self.cls_geometry), run(self.reg, self.reg_geometry)
+        cls, reg = run(self.cls, self.cls_geometry), run(self.reg, self.reg_geometry)
+        if self.detail is not None:
+            extra_cls, extra_reg = self.detail(torch.cat([feats, F.pixel_unshuffle(detail, 2), geometry], 1))
+            cls, reg = cls + extra_cls, reg + extra_reg
+        return cls, reg
+
+
+class DetailTrunk(nn.Module):
+    """[B*N, C_in, h, w] -> (class logits [B*N, C, h, w], regression [B*N, 3, h, w]), both exactly
+    zero until trained: a 1x1 reduction, two 3x3 convs (a 5x5-cell view), zero-initialised outputs."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 96):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1),
+            nn.ReLU(inplace=True),
+        )
+        self.cls = nn.Conv2d(hidden, num_classes, 1)
+        self.reg = nn.Conv2d(hidden, REG_CHANNELS, 1)
+        for conv in (self.cls, self.reg):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.trunk(x)
+        return self.cls(x), self.reg(x)
 
 
 def scale_gradient(x: Tensor, scale: float) -> Tensor:
@@ -250,7 +308,8 @@ class PETRDetector(nn.Module):
         self.config = config
         self.backbone = Backbone(config.backbone_channels, config.backbone_blocks)
         fine = config.backbone_channels[-2] if config.fine_head else None
-        self.head = DenseHead(self.backbone.out_channels, config.head_channels, config.num_classes, fine)
+        detail = config.backbone_channels[-3] if config.detail_head else None
+        self.head = DenseHead(self.backbone.out_channels, config.head_channels, config.num_classes, fine, detail)
         # Query content from the selected tokens' features (their class evidence), not zeros.
         self.query_proj = nn.Sequential(
             nn.Linear(config.embed_dims, config.embed_dims), nn.LayerNorm(config.embed_dims)
@@ -296,10 +355,12 @@ class PETRDetector(nn.Module):
         x = (x - self.mean) / self.std
         if lidar2img.shape != (b, n, 4, 4):
             raise ValueError(f"lidar2img must be [B, N, 4, 4] = {[b, n, 4, 4]}, got {list(lidar2img.shape)}")
-        *_, fine, feats = self.backbone(x.to(self.mean.dtype))
-        fine = fine if self.config.fine_head else None
+        stages = self.backbone(x.to(self.mean.dtype))  # finest first; the keys' stride last
+        feats = stages[-1]
+        fine = stages[-2] if self.config.fine_head else None
+        detail = stages[-3] if self.config.detail_head else None
         geometry, log_focal = camera_geometry(lidar2img, (w, h), self.config.head_stride, self.config.ground_z)
-        heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype), fine)
+        heatmap, regression = self.head(feats, geometry.flatten(0, 1).to(feats.dtype), fine, detail)
         feats, heatmap, regression = (t.view(b, n, *t.shape[1:]) for t in (feats, heatmap, regression))
         # Back from the 70-degree reference camera to each camera's own depth.
         depth = regression[:, :, 2:] + log_focal.to(regression.dtype)[:, :, None, None, None]

@@ -324,6 +324,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fine-head", action="store_true", help="dense head on a stride-8 grid (the keys stay at stride 16)"
     )
     parser.add_argument(
+        "--detail-head",
+        action="store_true",
+        help="with --fine-head: a deeper head trunk that also reads the stride-4 stage (DetectorConfig.detail_head)",
+    )
+    parser.add_argument(
         "--proposal-class",
         action="store_true",
         help="peak queries also carry the dense head's class logits at their cell (DetectorConfig.proposal_class)",
@@ -387,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         num_queries=args.queries,
         config={
             "fine_head": args.fine_head,
+            "detail_head": args.detail_head,
             "proposal_class": args.proposal_class,
             "dense_score_weight": args.dense_score_weight,
             "class_peak_threshold": args.class_peak_threshold,
