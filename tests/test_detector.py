@@ -123,6 +123,13 @@ def test_train_resume_save_load_evaluate(dataset, tmp_path):
     assert state["iteration"] == 3
     lines = (run / "loss.csv").read_text().splitlines()
     assert lines[0].startswith("iteration") and len(lines) == 4
+    # The options the loss depends on are stored, and a resume that changes them is refused by name.
+    assert state["options"] == {"quality_focal": False, "backbone_grad": 0.0, "augment": True}
+    changes = (({"quality_focal": True}, "quality_focal=False"), ({"backbone_grad": 0.5}, "backbone_grad=0.0"))
+    for change, named in changes:
+        with pytest.raises(ValueError, match=f"{named} \\(now"):
+            train(dataset, run, iterations=4, batch=1, resume=True, config=tiny, progress=False, **change)
+    assert torch.load(ckpt, weights_only=False)["iteration"] == 3
 
     model = PETRDetector(DetectorConfig.from_dict(state["config"]))
     model.load_state_dict(state["model"])

@@ -207,10 +207,18 @@ def train(
     if init is not None and not resuming:
         fresh = warm_start(model, init)
         print(f"started from {init}; {len(fresh)} tensors new: {', '.join(fresh) or 'none'}")
+    # What the loss and the gradients depend on besides the config: a resumed run must keep them,
+    # or it silently trains another objective from the iteration it resumes at.
+    options = {"quality_focal": quality_focal, "backbone_grad": backbone_grad, "augment": augment}
     if resuming:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if DetectorConfig.from_dict(state["config"]) != config:
             raise ValueError(f"{checkpoint_path} was trained with another config: {state['config']}")
+        stored = state.get("options", {})  # checkpoints before this check stored none
+        changed = {k: (v, options[k]) for k, v in stored.items() if k in options and v != options[k]}
+        if changed:
+            said = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+            raise ValueError(f"{checkpoint_path} was trained with {said}: resume with the same options")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]
@@ -228,6 +236,7 @@ def train(
             "iteration": iteration,
             "generator": generator.get_state(),
             "config": config.to_dict(),
+            "options": options,
         }
         write_atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
