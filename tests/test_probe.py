@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tggbc.detector.dense import peak_mask
-from tggbc.detector.probe import peak_errors, summarise
+from tggbc.detector.probe import decoder_depth_errors, peak_errors, summarise
 
 STRIDE = 16
 
@@ -33,17 +33,37 @@ def test_peak_errors_by_hand():
     # Object C: cell (row 0, column 0) at the border, no peak near it.
     peak = peak_mask(torch.from_numpy(score)).numpy() & (score > 0)
     uv = np.array([[88.0, 29.5], [150.0, 60.0], [3.0, 3.0]])
-    found, pixel, depth = peak_errors(score, peak, regression, np.zeros(3, int), uv, np.array([20.0, 10, 10]), STRIDE)
+    found, pixel, depth, cell = peak_errors(
+        score, peak, regression, np.zeros(3, int), uv, np.array([20.0, 10, 10]), STRIDE
+    )
     assert found.tolist() == [True, False, False]
+    assert cell.tolist() == [1 * 11 + 6, -1, -1]  # camera 0, row 1, column 6
     assert pixel[0] == pytest.approx(math.hypot(20.0, 9.5), rel=1e-6)
     assert depth[0] == pytest.approx(22.0 / 20.0 - 1.0, rel=1e-6)
     assert np.isnan(pixel[1:]).all() and np.isnan(depth[1:]).all()
     # With a lower threshold B's peak counts: it predicts its cell centre (152, 40) at exp(0) = 1 m.
-    found, pixel, depth = peak_errors(
+    found, pixel, depth, cell = peak_errors(
         score, peak, regression, np.zeros(3, int), uv, np.array([20.0, 10, 10]), STRIDE, threshold=0.1
     )
-    assert found.tolist() == [True, True, False]
+    assert found.tolist() == [True, True, False] and cell.tolist() == [17, 2 * 11 + 9, -1]
     assert pixel[1] == pytest.approx(math.hypot(2.0, 20.0)) and depth[1] == pytest.approx(-0.9)
+
+
+def test_decoder_depth_errors_by_hand():
+    # Two cameras; camera 1 looks along the lidar y axis (depth = y), camera 0 along x (depth = x).
+    lidar2img = np.zeros((2, 4, 4))
+    lidar2img[:, 3, 3] = 1.0
+    lidar2img[0, 2, 0] = 1.0
+    lidar2img[1, 2, 1] = 1.0
+    # Queries came from cells 7, 50 and 3; their boxes sit at x = 12, y = 30 and anywhere.
+    selected = np.array([7, 50, 3])
+    center = np.array([[12.0, 99.0, 0.0], [-5.0, 30.0, 1.0], [0.0, 0.0, 0.0]])
+    # Object 0: peak cell 7 in camera 0, true depth 10 -> box depth 12: +0.2. Object 1: cell 50 in
+    # camera 1, true depth 40 -> 30: -0.25. Object 2 has no peak; object 3's peak was not selected.
+    error = decoder_depth_errors(
+        np.array([7, 50, -1, 8]), selected, center, np.array([0, 1, 0, 0]), np.array([10.0, 40, 5, 5]), lidar2img
+    )
+    assert error[:2] == pytest.approx([0.2, -0.25]) and np.isnan(error[2:]).all()
 
 
 def test_peak_mask_keeps_only_local_maxima():
@@ -63,6 +83,12 @@ def test_summarise_by_band():
     assert s["found"][:2] == [0.5, 1.0] and math.isnan(s["found"][2]) and s["found"][4] == 1.0
     assert s["pixel_error"][0] == 1.0 and s["depth_error"][0] == pytest.approx(0.1)
     assert s["depth_bias"][0] == pytest.approx(-0.1) and s["depth_bias"][4] == pytest.approx(-0.3)
+    assert "decoder_depth_error" not in s
+    # The decoder's error: median |error| over found objects whose peak became a query (NaN: it did not).
+    decoder = np.array([0.3, np.nan, np.nan, -0.1, 0.2])
+    s = summarise(distance, found, pixel, depth, decoder)
+    assert s["decoder_depth_error"][0] == pytest.approx(0.3) and s["decoder_depth_error"][4] == pytest.approx(0.1)
+    assert math.isnan(s["decoder_depth_error"][1])  # its one object's peak was not selected
 
 
 def test_probe_refuses_to_overwrite_its_output(tmp_path):

@@ -6,7 +6,9 @@ matched less often, this says why: no proposal near them, or a proposal in the w
 every ground-truth box whose centre a camera images (the camera `tggbc bound` picks), it takes the
 highest-scoring peak within one head cell of the projected centre, counts the object found when
 that peak's best class score reaches a threshold, and measures the centre the peak predicts: its
-pixel error in the image and its depth error relative to the true depth.
+pixel error in the image and its depth error relative to the true depth. It then follows the
+decoder query selected from that peak to the decoder's last layer and measures its box's depth the
+same way: whether the decoder corrects a proposal's depth or keeps it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 from ..data.transforms import project_points
 from ..files import write_json_atomic
 from .bound import DISTANCE_BANDS, transformed_xy, viewing_camera
-from .dense import proposal_peaks
+from .dense import proposal_peaks, select_proposals
 from .evaluate import frame_batch, split_frames
+from .loss import decode_boxes
 from .model import PETRDetector
 
 FOUND_SCORE = 0.3  # a peak at least this confident counts as a proposal (the decoder sees the top 300)
@@ -36,7 +39,7 @@ def peak_errors(
     depth: np.ndarray,
     stride: int,
     threshold: float = FOUND_SCORE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The dense head's best proposal near each object, and how far off it is.
 
     Args:
@@ -45,12 +48,14 @@ def peak_errors(
         camera: [M] int, the camera imaging each object's centre. uv: [M, 2] that centre in pixels.
         depth: [M] metres along that camera's axis. stride: pixels per cell.
     Returns:
-        found [M] bool, pixel_error [M] (distance in pixels between the predicted and true centre)
-        and depth_error [M] (predicted / true depth - 1), NaN where not found.
+        found [M] bool, pixel_error [M] (distance in pixels between the predicted and true centre),
+        depth_error [M] (predicted / true depth - 1), NaN where not found, and cell [M]: the peak's
+        camera-major index into (camera, row, column), -1 where not found.
     """
     _, h, w = score.shape
     m = len(camera)
     found = np.zeros(m, bool)
+    cell = np.full(m, -1, np.int64)
     pixel_error, depth_error = np.full(m, np.nan), np.full(m, np.nan)
     for i in range(m):
         cu, cv = uv[i] / stride
@@ -63,15 +68,56 @@ def peak_errors(
         r, c = r0 + best[0], c0 + best[1]
         du, dv, log_depth = regression[camera[i], :, r, c]
         found[i] = True
+        cell[i] = (camera[i] * h + r) * w + c
         pixel_error[i] = float(np.hypot(c + 0.5 + du - cu, r + 0.5 + dv - cv)) * stride
         depth_error[i] = float(np.exp(log_depth)) / depth[i] - 1.0
-    return found, pixel_error, depth_error
+    return found, pixel_error, depth_error, cell
 
 
-def summarise(distance: np.ndarray, found: np.ndarray, pixel_error: np.ndarray, depth_error: np.ndarray) -> dict:
+def decoder_depth_errors(
+    cell: np.ndarray,
+    selected: np.ndarray,
+    center: np.ndarray,
+    camera: np.ndarray,
+    depth: np.ndarray,
+    lidar2img: np.ndarray,
+) -> np.ndarray:
+    """How far off in depth the decoder's box is for the query each object's peak became.
+
+    Args:
+        cell: [M] each object's peak (`peak_errors`), -1 where none. selected: [Q] the cell each
+            decoder query was selected from. center: [Q, 3] each query's final box centre, lidar
+            frame. camera: [M] the camera imaging each object. depth: [M] its true depth along that
+            camera's axis, metres. lidar2img: [N, 4, 4].
+    Returns:
+        [M] the box centre's depth along the same camera's axis / true depth - 1; NaN where the
+        object has no peak or its peak is not among the selected queries.
+    """
+    error = np.full(len(cell), np.nan)
+    query_of = {int(c): q for q, c in enumerate(selected)}
+    for i, c in enumerate(cell):
+        q = query_of.get(int(c)) if c >= 0 else None
+        if q is None:
+            continue
+        box_depth = float(lidar2img[camera[i], 2, :3] @ center[q] + lidar2img[camera[i], 2, 3])
+        error[i] = box_depth / depth[i] - 1.0
+    return error
+
+
+def summarise(
+    distance: np.ndarray,
+    found: np.ndarray,
+    pixel_error: np.ndarray,
+    depth_error: np.ndarray,
+    decoder_depth_error: np.ndarray | None = None,
+) -> dict:
     """Per distance band (`bound.DISTANCE_BANDS`): objects, share found, median pixel error, median
-    |relative depth error| and median signed relative depth error (its bias) of the found ones."""
+    |relative depth error| and median signed relative depth error (its bias) of the found ones, and
+    with `decoder_depth_error` the median |relative depth error| of their decoder boxes (over those
+    whose peak became a query)."""
     out = {"bands": [], "objects": [], "found": [], "pixel_error": [], "depth_error": [], "depth_bias": []}
+    if decoder_depth_error is not None:
+        out["decoder_depth_error"] = []
     for lo, hi in zip(DISTANCE_BANDS[:-1], DISTANCE_BANDS[1:], strict=True):
         band = (distance >= lo) & (distance < hi)
         hit = band & found
@@ -84,15 +130,21 @@ def summarise(distance: np.ndarray, found: np.ndarray, pixel_error: np.ndarray, 
             ("depth_bias", depth_error),
         ):
             out[key].append(float(np.median(values[hit])) if hit.any() else float("nan"))
+        if decoder_depth_error is not None:
+            queried = hit & np.isfinite(decoder_depth_error)
+            value = float(np.median(np.abs(decoder_depth_error[queried]))) if queried.any() else float("nan")
+            out["decoder_depth_error"].append(value)
     return out
 
 
 def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | None = None, progress=True) -> dict:
-    """`peak_errors` over the frames of a split, summarised by distance from the ego vehicle."""
+    """`peak_errors` and `decoder_depth_errors` over the frames of a split, summarised by distance
+    from the ego vehicle."""
     frames = split_frames(dataroot, split, max_frames)
     config = model.config
     image_size = (config.image_width, config.image_height)
-    columns = {"distance": [], "found": [], "pixel_error": [], "depth_error": []}
+    names = ("distance", "found", "pixel_error", "depth_error", "decoder_depth_error")
+    columns = {name: [] for name in names}
     iterator = frames
     if progress:
         from tqdm import tqdm
@@ -100,30 +152,45 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
         iterator = tqdm(frames, desc="probe", unit="frame")
     model.eval()
     for frame in iterator:
+        images, lidar2img = frame_batch(frame)
         with torch.inference_mode():
-            _, heatmap, regression = model.dense(*frame_batch(frame))
+            inputs = model.inputs(images, lidar2img)
+            heatmap, regression = inputs.heatmap, inputs.regression
             score = heatmap[0].float().sigmoid().amax(1)  # (N, h', w')
             peak = proposal_peaks(heatmap[0], config.class_peak_threshold)
+            # The cells the decoder's queries came from, in query order (what `inputs` selected).
+            selected, _, _ = select_proposals(
+                heatmap, regression, lidar2img, config.head_stride, config.num_queries, config.class_peak_threshold
+            )
+            box_center = decode_boxes(model.decode(inputs).bbox_preds[-1, 0].float())[0]
         centers = frame.gt_boxes[np.flatnonzero(frame.gt_valid), :3].astype(np.float64)
         camera, depth = viewing_camera(centers, frame.lidar2img, image_size)
         seen = camera >= 0
         centers, camera, depth = centers[seen], camera[seen], depth[seen]
         uv = project_points(centers, frame.lidar2img)[0][camera, np.arange(len(centers))]  # (M, 2)
-        found, pixel_error, depth_error = peak_errors(
+        found, pixel_error, depth_error, cell = peak_errors(
             score.numpy(), peak.numpy(), regression[0].float().numpy(), camera, uv, depth, config.head_stride
         )
-        columns["distance"].append(np.linalg.norm(transformed_xy(frame.lidar2ego, centers), axis=1))
-        for key, values in (("found", found), ("pixel_error", pixel_error), ("depth_error", depth_error)):
-            columns[key].append(values)
-    return summarise(*(np.concatenate(columns[k]) for k in ("distance", "found", "pixel_error", "depth_error")))
+        decoder_error = decoder_depth_errors(
+            cell, selected[0].numpy(), box_center.double().numpy(), camera, depth, frame.lidar2img
+        )
+        distance = np.linalg.norm(transformed_xy(frame.lidar2ego, centers), axis=1)
+        for name, values in zip(names, (distance, found, pixel_error, depth_error, decoder_error), strict=True):
+            columns[name].append(values)
+    return summarise(*(np.concatenate(columns[name]) for name in names))
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'distance band, m':<18}{'objects':>8}{'found':>7}{'px err':>8}{'|depth err|':>12}{'depth bias':>11}"]
+    decoder = "decoder_depth_error" in summary
+    lines = [
+        f"{'distance band, m':<18}{'objects':>8}{'found':>7}{'px err':>8}{'|depth err|':>12}{'depth bias':>11}"
+        + (f"{'decoder |depth err|':>21}" if decoder else "")
+    ]
     for i, (lo, hi) in enumerate(summary["bands"]):
         lines.append(
             f"{f'{lo:g}-{hi:g}':<18}{summary['objects'][i]:>8}{summary['found'][i]:>7.2f}"
             f"{summary['pixel_error'][i]:>8.2f}{summary['depth_error'][i]:>12.3f}{summary['depth_bias'][i]:>+11.3f}"
+            + (f"{summary['decoder_depth_error'][i]:>21.3f}" if decoder else "")
         )
     return "\n".join(lines)
 
@@ -150,7 +217,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} exists: pass --force to replace it")
     model = load_detector(args.weights)
     summary = probe(model, args.data, args.split, args.max_frames, progress=not args.quiet)
-    print(f"dense head proposals (peak score >= {FOUND_SCORE} within one cell of the object's centre):")
+    print(
+        f"dense head proposals (peak score >= {FOUND_SCORE} within one cell of the object's centre), and the"
+        " decoder's box for the query each became:"
+    )
     print(format_summary(summary))
     if args.out:
         meta = {"data": str(args.data), "weights": str(args.weights), "split": args.split, "frames": args.max_frames}
