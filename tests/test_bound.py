@@ -177,7 +177,43 @@ def test_bound_command_scores_a_perfect_submission_like_the_zero_pixel_oracle(da
     radial = last["radial"]
     assert radial["matched"] == rows[0]["radial"]["matched"] and sum(radial["matched"]) > 0
     assert all(m == pytest.approx(0.0, abs=1e-6) for m in radial["median_m"] if not np.isnan(m))
+    # The submission is also scored with capped ranges (classes with no box within a cap score 0 there).
+    from tggbc.detector.evaluate import nuscenes_metrics
+
+    assert set(last["mAP_within"]) == {"20", "30", "40"}
+    for cap, value in last["mAP_within"].items():
+        assert value == pytest.approx(nuscenes_metrics(dataset, submission, max_range=float(cap))[0]["mean_ap"])
     assert "results_ideal_0px" in capsys.readouterr().out
+
+
+def test_range_cap_drops_what_lies_beyond_it(dataset, tmp_path):
+    from nuscenes.eval.common.loaders import add_center_dist, load_prediction
+    from nuscenes.eval.detection.data_classes import DetectionBox
+
+    from tggbc.data.frames import list_frames
+    from tggbc.data.splits import read_meta
+    from tggbc.detector.bound import oracle_submission
+    from tggbc.detector.evaluate import SUBMISSION_META, nuscenes_metrics
+
+    frames = list_frames(dataset, "val")
+    perfect = tmp_path / "perfect.json"
+    image_size = tuple(read_meta(dataset)["image_size"])
+    perfect.write_text(json.dumps({"meta": SUBMISSION_META, "results": oracle_submission(frames, image_size, 0.0)}))
+    full, nusc = nuscenes_metrics(dataset, perfect)
+    # The same boxes, but only those within 20 m of the ego vehicle (the devkit's own distance).
+    boxes = add_center_dist(nusc, load_prediction(str(perfect), 500, DetectionBox)[0])
+    near = {token: [b.serialize() for b in boxes[token] if b.ego_dist < 20.0] for token in boxes.sample_tokens}
+    dropped = sum(len(boxes[t]) - len(near[t]) for t in near)
+    assert dropped > 0 and sum(map(len, near.values())) > 0  # the fixture has objects on both sides of 20 m
+    near_path = tmp_path / "near.json"
+    near_path.write_text(json.dumps({"meta": SUBMISSION_META, "results": near}))
+    near_full = nuscenes_metrics(dataset, near_path, nusc)[0]["mean_ap"]
+    near_capped = nuscenes_metrics(dataset, near_path, nusc, max_range=20.0)[0]["mean_ap"]
+    perfect_capped = nuscenes_metrics(dataset, perfect, nusc, max_range=20.0)[0]["mean_ap"]
+    # Under the standard ranges the missing far boxes cost recall; capped at 20 m they are not asked for.
+    assert near_full < full["mean_ap"] and near_capped == pytest.approx(perfect_capped) and near_capped > near_full
+    with pytest.raises(ValueError, match="max_range must be > 0"):
+        nuscenes_metrics(dataset, perfect, nusc, max_range=0.0)
 
 
 def test_bound_command_refuses_a_missing_submission(dataset, tmp_path):

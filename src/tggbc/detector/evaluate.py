@@ -116,8 +116,15 @@ def to_submission_boxes(det: Detections, frame) -> list[dict]:
     return boxes
 
 
-def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None, split: str = "val") -> tuple[dict, object]:
-    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019) on `split`."""
+def nuscenes_metrics(
+    dataroot: str | Path, submission: Path, nusc=None, split: str = "val", max_range: float | None = None
+) -> tuple[dict, object]:
+    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019) on `split`.
+
+    `max_range` caps every class's evaluation range (metres from the ego vehicle; the standard
+    config uses 30 to 50 m by class): ground truth and predictions beyond it are dropped, as the
+    devkit drops them beyond the standard ranges. None keeps the standard config.
+    """
     try:
         from nuscenes import NuScenes
         from nuscenes.eval.common.config import config_factory
@@ -128,9 +135,14 @@ def nuscenes_metrics(dataroot: str | Path, submission: Path, nusc=None, split: s
 
     if nusc is None:
         nusc = NuScenes(version=read_meta(dataroot)["version"], dataroot=str(dataroot), verbose=False)
+    config = config_factory("detection_cvpr_2019")
+    if max_range is not None:
+        if not max_range > 0:
+            raise ValueError(f"max_range must be > 0 metres, got {max_range}")
+        config.class_range = {name: min(r, max_range) for name, r in config.class_range.items()}
     evaluator = DetectionEval(
         nusc,
-        config_factory("detection_cvpr_2019"),
+        config,
         str(submission),
         eval_set=split,
         output_dir=str(Path(submission).parent),
