@@ -264,8 +264,9 @@ class DecoderInputs(NamedTuple):
     memory, key_pos: [B, Nk, E] keys; key_padding_mask: [B, Nk] or None.
     query: [B, Nq, E] initial targets; reference_points: [B, Nq, 3] normalised anchors.
     heatmap: [B, N, C, h', w'] dense class logits and regression: [B, N, 3, h', w'] on the head's
-    grid; proposals: [B, Nq] the key (token) each query was selected from; proposal_logits:
-    [B, Nq, C] the dense head's class logits at the cell each query was selected from.
+    grid; proposals: [B, Nq] the key (token) each query was selected from; proposal_cells: [B, Nq]
+    the head-grid cell (camera-major) it was selected from; proposal_logits: [B, Nq, C] the dense
+    head's class logits at that cell.
     """
 
     memory: Tensor
@@ -276,6 +277,7 @@ class DecoderInputs(NamedTuple):
     heatmap: Tensor
     regression: Tensor
     proposals: Tensor
+    proposal_cells: Tensor
     proposal_logits: Tensor
 
 
@@ -419,6 +421,7 @@ class PETRDetector(nn.Module):
             heatmap=heatmap,
             regression=regression,
             proposals=index,
+            proposal_cells=cell,
             proposal_logits=proposal_logits,
         )
 

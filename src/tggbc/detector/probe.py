@@ -22,7 +22,7 @@ import torch
 from ..data.transforms import project_points
 from ..files import write_json_atomic
 from .bound import DISTANCE_BANDS, transformed_xy, viewing_camera
-from .dense import proposal_peaks, select_proposals
+from .dense import proposal_peaks
 from .evaluate import frame_batch, split_frames
 from .loss import decode_boxes
 from .model import PETRDetector
@@ -94,13 +94,12 @@ def decoder_depth_errors(
         object has no peak or its peak is not among the selected queries.
     """
     error = np.full(len(cell), np.nan)
+    box_depth = project_points(center, lidar2img)[1]  # (N, Q)
     query_of = {int(c): q for q, c in enumerate(selected)}
     for i, c in enumerate(cell):
         q = query_of.get(int(c)) if c >= 0 else None
-        if q is None:
-            continue
-        box_depth = float(lidar2img[camera[i], 2, :3] @ center[q] + lidar2img[camera[i], 2, 3])
-        error[i] = box_depth / depth[i] - 1.0
+        if q is not None:
+            error[i] = box_depth[camera[i], q] / depth[i] - 1.0
     return error
 
 
@@ -158,10 +157,6 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
             heatmap, regression = inputs.heatmap, inputs.regression
             score = heatmap[0].float().sigmoid().amax(1)  # (N, h', w')
             peak = proposal_peaks(heatmap[0], config.class_peak_threshold)
-            # The cells the decoder's queries came from, in query order (what `inputs` selected).
-            selected, _, _ = select_proposals(
-                heatmap, regression, lidar2img, config.head_stride, config.num_queries, config.class_peak_threshold
-            )
             box_center = decode_boxes(model.decode(inputs).bbox_preds[-1, 0].float())[0]
         centers = frame.gt_boxes[np.flatnonzero(frame.gt_valid), :3].astype(np.float64)
         camera, depth = viewing_camera(centers, frame.lidar2img, image_size)
@@ -172,7 +167,7 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
             score.numpy(), peak.numpy(), regression[0].float().numpy(), camera, uv, depth, config.head_stride
         )
         decoder_error = decoder_depth_errors(
-            cell, selected[0].numpy(), box_center.double().numpy(), camera, depth, frame.lidar2img
+            cell, inputs.proposal_cells[0].numpy(), box_center.double().numpy(), camera, depth, frame.lidar2img
         )
         distance = np.linalg.norm(transformed_xy(frame.lidar2ego, centers), axis=1)
         for name, values in zip(names, (distance, found, pixel_error, depth_error, decoder_error), strict=True):
