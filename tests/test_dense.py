@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 
 from tggbc.data.raycast import box_corners
 from tggbc.detector.dense import (
+    _GROUND_DEPTH_CAP,
     _REG_MASS,
     GEOMETRY_CHANNELS,
     camera_geometry,
     dense_loss,
     dense_targets,
+    ground_ray_depth,
     key_index,
     proposal_peaks,
     select_proposals,
@@ -42,7 +44,7 @@ def test_box_corners_by_hand():
 def test_targets_of_one_box_by_hand():
     # Centre (20, 0, 0.5): camera (0, -0.5, 20) -> pixel (88, 29.5) -> token row 1, column 5.
     heat, reg, weight = dense_targets(box(20.0, 0.0, 0.5), np.array([2]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
-    assert heat.shape == (1, CLASSES, 4, 11) and reg.shape == (1, 3, 4, 11) and weight.shape == (1, 4, 11)
+    assert heat.shape == (1, CLASSES, 4, 11) and reg.shape == (1, 4, 4, 11) and weight.shape == (1, 4, 11)
     assert heat[0, 2, 1, 5] == 1.0 and (heat[0, 2] == 1.0).sum() == 1
     assert heat[0, :2].max() == 0.0  # other classes untouched
     # Row 2's centre lies 2.5 - 29.5 / 16 = 0.656 tokens from the centre: Gaussian exp(-0.656^2 / 0.5)
@@ -51,7 +53,10 @@ def test_targets_of_one_box_by_hand():
     assert weight[0, 1, 5] == pytest.approx(_REG_MASS / (1 + g), rel=1e-5)
     assert weight[0, 2, 5] == pytest.approx(_REG_MASS * g / (1 + g), rel=1e-5)
     assert (weight > 0).sum() == 2
-    assert reg[0, :, 1, 5] == pytest.approx([88 / 16 - 5.5, 29.5 / 16 - 1.5, math.log(20.0)], abs=1e-6)
+    assert reg[0, :3, 1, 5] == pytest.approx([88 / 16 - 5.5, 29.5 / 16 - 1.5, math.log(20.0)], abs=1e-6)
+    # The bottom face's centre (20, 0, 0) projects to pixel row 32 = 2.0 tokens: 0.5 below row 1's
+    # centre and 0.5 above row 2's.
+    assert reg[0, 3, 1, 5] == pytest.approx(0.5, abs=1e-6) and reg[0, 3, 2, 5] == pytest.approx(-0.5, abs=1e-6)
     # A small far box: its Gaussian (radius 0.5 tokens) does not reach the neighbours' regression.
     assert weight[0, 1, 4] == 0.0
 
@@ -63,7 +68,10 @@ def test_neighbours_of_a_large_box_regress_its_centre():
     )
     assert heat[0, 0, 1, 5] == 1.0
     assert 0.0 < weight[0, 1, 4] < weight[0, 1, 5] and 0.0 < heat[0, 0, 1, 4] < 1.0
-    assert reg[0, :, 1, 4] == pytest.approx([88 / 16 - 4.5, 25.75 / 16 - 1.5, math.log(8.0)], abs=1e-6)
+    # Bottom face centre (8, 0, -1.5): pixel row 32 + 100 * 1.5 / 8 = 50.75.
+    assert reg[0, :, 1, 4] == pytest.approx(
+        [88 / 16 - 4.5, 25.75 / 16 - 1.5, math.log(8.0), 50.75 / 16 - 1.5], abs=1e-6
+    )
 
 
 def test_boxes_behind_or_outside_the_camera_leave_no_target():
@@ -110,6 +118,68 @@ def test_dense_loss_by_hand():
     heat_loss, reg_loss = dense_loss(logits, pred, heat, target, weight)
     assert float(heat_loss) == pytest.approx(math.log(2.0) * 0.25, rel=1e-4)
     assert float(reg_loss) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_dense_loss_of_a_ground_contact_head_by_hand():
+    heat = torch.zeros(1, 1, 1, 1, 2)
+    heat[0, 0, 0, 0, 0] = 1.0
+    logits = torch.full((1, 1, 1, 1, 2), -30.0)
+    logits[0, 0, 0, 0, 0] = 30.0  # a confident hit: no heatmap loss to speak of
+    target = torch.tensor([0.1, -0.2, math.log(30.0), 0.4]).view(1, 1, 4, 1, 1).expand(1, 1, 4, 1, 2).clone()
+    weight = torch.tensor([[[[2.0, 0.0]]]])
+    # (du, dv, fused, direct, geometric log depth, contact row), against target (du, dv, log d, row).
+    pred = torch.tensor([0.1, -0.2, math.log(30.0), math.log(30.0), math.log(30.0), 0.4]).view(1, 1, 6, 1, 1)
+    pred = pred.expand(1, 1, 6, 1, 2).clone()
+    pred[0, 0, 2, 0, 0] += 0.1  # fused off by 0.1, weight 2
+    pred[0, 0, 3, 0, 0] -= 0.2  # direct off by 0.2, weight 1
+    pred[0, 0, 4, 0, 0] += 0.3  # geometric off by 0.3, weight 1
+    pred[0, 0, 5, 0, 0] -= 0.05  # contact row off by 0.05 cells, weight 1
+    pred[0, 0, :, 0, 1] += 5.0  # a cell without weight does not count
+    _, reg_loss = dense_loss(logits, pred, heat, target, weight)
+    assert float(reg_loss) == pytest.approx(2.0 * (2 * 0.1 + 0.2 + 0.3 + 0.05), rel=1e-5)
+    # A plain head's three channels ignore the contact row of the same targets.
+    _, plain = dense_loss(logits, pred[:, :, :3], heat, target, weight)
+    assert float(plain) == pytest.approx(2.0 * 2 * 0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        dense_loss(logits, pred[:, :, :5], heat, target, weight)
+    with pytest.raises(ValueError, match="contact row"):
+        dense_loss(logits, pred, heat, target[:, :, :3], weight)
+
+
+def test_ground_ray_depth_by_hand():
+    # LIDAR2IMG's camera sits at the lidar origin looking along +x, f = 100 px, horizon at row 32:
+    # with the road 1.5 m below, an object standing d metres ahead touches it at row 32 + 150 / d.
+    lidar2img = torch.from_numpy(LIDAR2IMG)[None]  # (1, 1, 4, 4)
+    rows = torch.tensor([32.0 + 150.0 / 10.0, 32.0 + 150.0 / 40.0, 32.0 + 150.0 / 400.0, 30.0, 32.0])
+    u = torch.tensor([88.0, 10.0, 150.0, 88.0, 88.0]).view(1, 1, 5)
+    v = rows.view(1, 1, 5).requires_grad_(True)
+    depth, hits = ground_ray_depth(lidar2img, u, v, ground_z=-1.5)
+    # Columns do not matter to a level camera; 400 m is past the cap; at or above the horizon the
+    # ray never reaches the road.
+    assert depth[0, 0].tolist() == pytest.approx([10.0, 40.0, _GROUND_DEPTH_CAP, _GROUND_DEPTH_CAP, _GROUND_DEPTH_CAP])
+    assert hits[0, 0].tolist() == [True, True, True, False, False]
+    depth.log().sum().backward()
+    # d log d / dv = -1 / (v - 32) where the depth is not clamped; no NaN from the rows that miss.
+    assert v.grad[0, 0, :2].tolist() == pytest.approx([-1 / 15.0, -1 / 3.75], rel=1e-5)
+    assert v.grad[0, 0, 2:].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="same shape|share one shape"):
+        ground_ray_depth(lidar2img, u, v[..., :3], ground_z=-1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=st.floats(5.0, 60.0), lateral=st.floats(-0.6, 0.6), height=st.floats(0.5, 4.0), yaw=st.floats(-3.0, 3.0))
+def test_contact_row_targets_meet_the_road_at_the_true_depth(x, lateral, height, yaw):
+    """A box standing on the road 1.5 m below the camera: the pixel (centre column, contact row) of
+    its targets, sent back along its ray, meets the road at the box's depth (capped at 200 m)."""
+    boxes = box(x, lateral * x, -1.5 + height / 2, h=height, yaw=yaw)
+    _, reg, weight = dense_targets(boxes, np.array([0]), LIDAR2IMG, (WIDTH, HEIGHT), STRIDE, CLASSES)
+    rows, cols = np.nonzero(weight[0])
+    assert len(rows) > 0
+    u = torch.from_numpy((cols + 0.5 + reg[0, 0, rows, cols]) * STRIDE).view(1, 1, -1)
+    v = torch.from_numpy((rows + 0.5 + reg[0, 3, rows, cols]) * STRIDE).view(1, 1, -1)
+    depth, hits = ground_ray_depth(torch.from_numpy(LIDAR2IMG)[None], u, v, ground_z=-1.5)
+    assert bool(hits.all())
+    assert depth[0, 0].numpy() == pytest.approx(np.full(len(rows), min(x, _GROUND_DEPTH_CAP)), rel=1e-4)
 
 
 @settings(max_examples=30, deadline=None)

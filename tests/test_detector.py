@@ -366,6 +366,75 @@ def test_detail_head_config_is_checked():
         DetectorConfig(**dict(TINY, backbone_channels=(8, 16)), fine_head=True, detail_head=True)
 
 
+def test_ground_contact_head_fuses_the_road_depth_below_its_contact_row(dataset, tmp_path):
+    import numpy as np
+
+    from tggbc.detector.dense import _GROUND_DEPTH_CAP
+    from tggbc.detector.evaluate import frame_batch, split_frames
+    from tggbc.detector.train import warm_start
+
+    torch.manual_seed(0)
+    detail = PETRDetector(DetectorConfig(**TINY, fine_head=True, detail_head=True)).eval()
+    torch.nn.init.normal_(detail.head.detail.reg.weight, std=0.05)  # a trunk that has learned something
+    save_detector(detail, tmp_path / "detail.safetensors", dtype=torch.float32)
+    contact = PETRDetector(DetectorConfig(**TINY, fine_head=True, detail_head=True, ground_contact=True)).eval()
+    assert warm_start(contact, tmp_path / "detail.safetensors") == [
+        "head.detail.contact.bias",
+        "head.detail.contact.weight",
+    ]
+    images, lidar2img = frame_batch(split_frames(dataset, "val", 1)[0])
+    with torch.no_grad():
+        _, heat_before, reg_before = detail.dense(images, lidar2img)
+        _, heat, reg = contact.dense(images, lidar2img)
+    assert reg.shape[2] == 6 and torch.equal(heat, heat_before)
+    # The offsets and the direct depth are the warm-started head's; the gate starts almost shut.
+    assert torch.equal(reg[:, :, :2], reg_before[:, :, :2]) and torch.equal(reg[:, :, 3], reg_before[:, :, 2])
+    assert (reg[:, :, 2] - reg[:, :, 3]).abs().max() < 0.02 * (reg[:, :, 4] - reg[:, :, 3]).abs().max() + 1e-6
+
+    # Contact rows 0.3 cells below every cell centre, gate wide open: the depth is the road's there.
+    with torch.no_grad():
+        contact.head.detail.contact.bias.copy_(torch.tensor([0.3, 30.0]))
+        _, _, reg = contact.dense(images, lidar2img)
+    assert torch.allclose(reg[:, :, 5], torch.full_like(reg[:, :, 5], 0.3))
+    assert torch.allclose(reg[:, :, 2], reg[:, :, 4])
+    # An independent slow path: back-project pixel (u, v) at depth d with the inverse 4x4 and solve
+    # its lidar z for the road's height (z is linear in d: A d + B).
+    stride, ground_z = contact.config.head_stride, contact.config.ground_z
+    _, n, _, h, w = reg.shape
+    img2lidar = np.linalg.inv(lidar2img[0].double().numpy())  # (N, 4, 4)
+    rows, cols = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    for cam in range(n):
+        u = (cols + reg[0, cam, 0].double().numpy()) * stride
+        v = (rows + 0.3) * stride
+        a = img2lidar[cam, 2, 0] * u + img2lidar[cam, 2, 1] * v + img2lidar[cam, 2, 2]
+        b = img2lidar[cam, 2, 3]
+        with np.errstate(divide="ignore"):
+            depth = (ground_z - b) / a
+        expected = np.where((a < 0) & (depth > 0), np.clip(depth, 1.0, _GROUND_DEPTH_CAP), _GROUND_DEPTH_CAP)
+        assert np.allclose(reg[0, cam, 4].exp().double().numpy(), expected, rtol=1e-4)
+        assert (expected < _GROUND_DEPTH_CAP).any() and (expected == _GROUND_DEPTH_CAP).any()  # both cases seen
+
+
+def test_ground_contact_config_is_checked():
+    with pytest.raises(ValueError, match="needs detail_head=True"):
+        DetectorConfig(**TINY, fine_head=True, ground_contact=True)
+
+
+def test_train_command_builds_the_ground_contact_head(dataset, tmp_path, monkeypatch):
+    from tggbc.cli import main
+    from tggbc.detector import train as train_module
+
+    monkeypatch.setattr(train_module, "DetectorConfig", lambda **kw: DetectorConfig(**{**kw, **TINY}))
+    argv = ["train", "--data", str(dataset), "--iterations", "2", "--batch", "1", "--warmup", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--fine-head", "--detail-head", "--ground-contact"]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["ground_contact"] is True
+    assert state["model"]["head.detail.contact.weight"].abs().sum() > 0  # trained off its zero start
+    model = PETRDetector(DetectorConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])  # strict: the stored config builds the contact conv
+    assert model.config.ground_contact and model.head.detail.contact is not None
+
+
 def test_train_command_builds_the_detail_head(dataset, tmp_path, monkeypatch):
     from tggbc.cli import main
     from tggbc.detector import train as train_module

@@ -26,6 +26,13 @@ from ..data.transforms import in_image, project_points
 # Regression channels of the dense head: (du, dv) offset of the projected centre from the token
 # centre, in tokens, and log of the centre's depth along the camera axis, in metres.
 REG_CHANNELS = 3
+# Targets carry one channel more: the row of the box's ground contact point (the centre of its
+# bottom face), as an offset from the token centre in tokens, for a ground-contact head (below).
+TARGET_CHANNELS = 4
+# A ground-contact head (DetectorConfig.ground_contact) regresses that row too and a gate; its
+# regression then has CONTACT_CHANNELS more channels after the fused (du, dv, log depth): its direct
+# log depth, the log depth where the ray through the contact pixel meets the road, and the row.
+CONTACT_CHANNELS = 3
 _DEPTH_WEIGHT = 2.0  # log-depth errors matter more than sub-token offsets for the 3D centre
 _MIN_SIGMA, _MAX_SIGMA = 0.5, 2.0  # Gaussian radius in tokens
 _REG_THRESHOLD = 0.2  # tokens whose Gaussian value exceeds this regress the object's centre
@@ -47,6 +54,46 @@ _GROUND_DEPTH_CAP = 200.0  # metres
 # nuScenes cameras): the same car looks half as large in the 110-degree back camera, and a head that
 # shares weights across cameras cannot tell which one it is looking through.
 _REFERENCE_FOV_DEG = 70.0
+
+
+def ground_ray_depth(lidar2img: Tensor, u: Tensor, v: Tensor, ground_z: float) -> tuple[Tensor, Tensor]:
+    """Where the ray through each pixel meets the road.
+
+    Args:
+        lidar2img: [B, N, 4, 4] = K @ lidar2cam. u, v: [B, N, ...] pixels (the same shape).
+        ground_z: the road's height in the lidar frame, metres.
+    Returns:
+        depth [B, N, ...] along the camera's axis at which the ray meets the plane z = ground_z,
+        clamped to [1 m, _GROUND_DEPTH_CAP], and hits [B, N, ...] bool (False: the ray runs level or
+        upwards; depth is the cap there). Differentiable in u and v, in their dtype.
+    """
+    if u.shape != v.shape or u.shape[:2] != lidar2img.shape[:2]:
+        raise ValueError(
+            f"u {tuple(u.shape)} and v {tuple(v.shape)} must share one shape starting with lidar2img's"
+            f" [B, N] = {list(lidar2img.shape[:2])}"
+        )
+    inverse = torch.linalg.inv(lidar2img[..., :3, :3].double())  # (B, N, 3, 3) = (K R)^-1
+    origin_z = -(inverse @ lidar2img[..., :3, 3:].double())[..., 2, 0]  # (B, N) camera centre height
+    extra = (1,) * (u.dim() - 2)
+    # The ray through pixel (u, v), scaled to unit camera depth, changes height by
+    # row . (u, v, 1) per metre of depth, row = (K R)^-1's third row (lidar z).
+    a, b, c = (inverse[..., 2, i].view(*u.shape[:2], *extra).to(u.dtype) for i in range(3))
+    ray_z = a * u + b * v + c
+    height = (ground_z - origin_z).view(*u.shape[:2], *extra).to(u.dtype)  # negative: the road is below
+    hits = (ray_z < 0) & (height < 0)
+    safe = torch.where(hits, ray_z, -torch.ones_like(ray_z))  # no inf in the branch torch.where drops
+    depth = (height / safe).clamp(1.0, _GROUND_DEPTH_CAP)
+    return torch.where(hits, depth, torch.full_like(depth, _GROUND_DEPTH_CAP)), hits
+
+
+def cell_centres(h: int, w: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """Rows and columns [h, w] of each cell's centre, in cells."""
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=dtype, device=device) + 0.5,
+        torch.arange(w, dtype=dtype, device=device) + 0.5,
+        indexing="ij",
+    )
+    return rows, cols
 
 
 def camera_geometry(
@@ -71,23 +118,15 @@ def camera_geometry(
     focal = (gram[..., 1, 1] - gram[..., 1, 2] ** 2).clamp_min(1e-6).sqrt()  # (B, N)
     reference = width / (2.0 * math.tan(math.radians(_REFERENCE_FOV_DEG) / 2.0))
     log_focal = (focal / reference).log()
-    inverse = torch.linalg.inv(matrix)
-    origin = -(inverse @ lidar2img[..., :3, 3:].double()).squeeze(-1)  # (B, N, 3) camera centre, lidar frame
-    rows, cols = torch.meshgrid(
-        (torch.arange(h, dtype=torch.float64, device=lidar2img.device) + 0.5) * stride,
-        (torch.arange(w, dtype=torch.float64, device=lidar2img.device) + 0.5) * stride,
-        indexing="ij",
+    rows, cols = cell_centres(h, w, lidar2img.device, torch.float64)
+    grid = lidar2img.shape[:2] + (h, w)
+    ground_depth, hits = ground_ray_depth(
+        lidar2img, (cols * stride).expand(grid), (rows * stride).expand(grid), ground_z
     )
-    pixels = torch.stack([cols, rows, torch.ones_like(cols)], 0).flatten(1)  # (3, h*w)
-    ray_z = (inverse @ pixels)[..., 2, :]  # (B, N, h*w): z of the ray scaled to unit camera depth
-    # origin_z + depth * ray_z = ground_z; the depth along the optical axis is the ray's scale.
-    ground_depth = (ground_z - origin[..., 2:3]) / ray_z
-    hits = (ground_depth > 0) & (ray_z < 0)
-    ground_depth = torch.where(hits, ground_depth.clamp(1.0, _GROUND_DEPTH_CAP), _GROUND_DEPTH_CAP)
     features = torch.stack(
-        [(ground_depth / 20.0).log(), hits.double(), log_focal[..., None].expand_as(ground_depth)], 2
-    )  # (B, N, 3, h*w)
-    return features.view(*features.shape[:3], h, w).float(), log_focal.float()
+        [(ground_depth / 20.0).log(), hits.double(), log_focal[..., None, None].expand_as(ground_depth)], 2
+    )  # (B, N, 3, h, w)
+    return features.float(), log_focal.float()
 
 
 def dense_targets(
@@ -102,38 +141,42 @@ def dense_targets(
 
     Every box whose centre projects into a camera puts a Gaussian (radius from its projected
     size) on that camera's class heatmap, peak exactly 1 at the token holding the centre. Tokens
-    near a centre regress it: offset and log depth. Where two objects compete for a token the
-    higher Gaussian wins, the nearer object on ties (it occludes the other). Each object's tokens
-    then share one fixed regression weight, _REG_MASS, in proportion to their Gaussian values, so
-    a far object a token wide counts as much as a near one that covers twenty.
+    near a centre regress it: offset, log depth and the row of its ground contact point. Where two
+    objects compete for a token the higher Gaussian wins, the nearer object on ties (it occludes
+    the other). Each object's tokens then share one fixed regression weight, _REG_MASS, in
+    proportion to their Gaussian values, so a far object a token wide counts as much as a near one
+    that covers twenty.
 
     Args:
         boxes: [M, >=7] lidar frame (x, y, z, w, l, h, yaw, ...). labels: [M] class indices.
         lidar2img: [N, 4, 4]. image_size: (W, H) pixels. stride: pixels per token.
     Returns:
-        heatmap [N, C, h, w] float32, reg [N, 3, h, w] float32, reg_weight [N, h, w] float32.
+        heatmap [N, C, h, w] float32, reg [N, TARGET_CHANNELS, h, w] float32 (du, dv, log depth,
+        contact row offset), reg_weight [N, h, w] float32.
     """
     width, height = image_size
     h, w = height // stride, width // stride
     n = lidar2img.shape[0]
     heat = np.zeros((n, num_classes, h, w), np.float32)
-    reg = np.zeros((n, REG_CHANNELS, h, w), np.float32)
+    reg = np.zeros((n, TARGET_CHANNELS, h, w), np.float32)
     claim = np.zeros((n, h, w), np.float32)  # Gaussian value of the object that owns each token
     owner = np.full((n, h, w), -1, np.int64)  # that object's index, -1: no object
     if len(boxes) == 0:
         return heat, reg, claim
     boxes = boxes.astype(np.float64)
     corners = np.stack([box_corners(box[:3], box[3:6], box[6]) for box in boxes])  # (M, 8, 3)
-    points = np.concatenate([boxes[:, None, :3], corners], 1)  # (M, 9, 3): centre, corners
-    uv, depth = project_points(points, lidar2img)  # (N, M, 9, 2), (N, M, 9)
+    bottom = boxes[:, :3].copy()
+    bottom[:, 2] -= boxes[:, 5] / 2  # boxes stand on the road: their bottom face touches it
+    points = np.concatenate([boxes[:, None, :3], corners, bottom[:, None]], 1)  # (M, 10, 3): centre, corners, contact
+    uv, depth = project_points(points, lidar2img)  # (N, M, 10, 2), (N, M, 10)
     cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)  # (h, w) token centres, in tokens
     for cam in range(n):
         u, v, d = uv[cam, :, 0, 0], uv[cam, :, 0, 1], depth[cam, :, 0]
         inside = in_image(uv[cam, :, 0], d, image_size)
         # Far objects first so that nearer ones overwrite them where the Gaussians tie.
         for m in sorted(np.flatnonzero(inside), key=lambda i: -d[i]):
-            front = depth[cam, m, 1:] > 0.1
-            corners = uv[cam, m, 1:][front] if front.any() else uv[cam, m, :1]
+            front = depth[cam, m, 1:9] > 0.1
+            corners = uv[cam, m, 1:9][front] if front.any() else uv[cam, m, :1]
             extent = (corners.max(0) - corners.min(0)) / stride  # (2,) tokens
             sigma = float(np.clip(extent.min() / 4.0, _MIN_SIGMA, _MAX_SIGMA))
             cu, cv = u[m] / stride, v[m] / stride
@@ -145,6 +188,7 @@ def dense_targets(
             reg[cam, 0][wins] = (cu - cols)[wins]
             reg[cam, 1][wins] = (cv - rows)[wins]
             reg[cam, 2][wins] = np.log(d[m])
+            reg[cam, 3][wins] = (uv[cam, m, 9, 1] / stride - rows)[wins]
             claim[cam][wins] = g[wins]
             owner[cam][wins] = m
     # Each (camera, object) pair's Gaussian values, over the tokens it kept, scaled to sum to _REG_MASS.
@@ -163,18 +207,35 @@ def dense_loss(
     regression, both normalised by the number of objects.
 
     Args:
-        cls_logits, heatmap: [B, N, C, h, w]. reg_pred, reg_target: [B, N, 3, h, w]. reg_weight: [B, N, h, w].
+        cls_logits, heatmap: [B, N, C, h, w]. reg_pred: [B, N, R, h, w], R = REG_CHANNELS, or
+            REG_CHANNELS + CONTACT_CHANNELS from a ground-contact head (`PETRDetector.dense`).
+        reg_target: [B, N, T, h, w], T = TARGET_CHANNELS (or REG_CHANNELS for a plain head).
+        reg_weight: [B, N, h, w].
     Returns:
-        (heatmap loss, regression loss) scalars.
+        (heatmap loss, regression loss) scalars. The fused log depth weighs _DEPTH_WEIGHT; a
+        ground-contact head's direct and geometric log depths and its contact row weigh 1 each,
+        so each estimate stays good on its own and the gate can learn which to trust.
     """
+    contact = reg_pred.shape[2] == REG_CHANNELS + CONTACT_CHANNELS
+    if reg_pred.shape[2] not in (REG_CHANNELS, REG_CHANNELS + CONTACT_CHANNELS):
+        raise ValueError(
+            f"reg_pred must have {REG_CHANNELS} or {REG_CHANNELS + CONTACT_CHANNELS} channels: {tuple(reg_pred.shape)}"
+        )
+    if reg_target.shape[2] < (TARGET_CHANNELS if contact else REG_CHANNELS):
+        raise ValueError(f"reg_target {tuple(reg_target.shape)} lacks the contact row a ground-contact head needs")
     logits = cls_logits.float()
     positive = heatmap.eq(1.0)
     p = logits.sigmoid()
     pos_loss = -F.logsigmoid(logits) * (1 - p).pow(2) * positive
     neg_loss = -F.logsigmoid(-logits) * p.pow(2) * (1 - heatmap).pow(4) * ~positive
     num_pos = positive.sum().clamp_min(1)
-    channel_weight = reg_pred.new_tensor([1.0, 1.0, _DEPTH_WEIGHT]).view(1, 1, -1, 1, 1)
-    reg_l1 = ((reg_pred.float() - reg_target).abs() * channel_weight * reg_weight.unsqueeze(2)).sum()
+    # Which target channel each predicted channel answers, and its weight.
+    source, weight = [0, 1, 2], [1.0, 1.0, _DEPTH_WEIGHT]
+    if contact:
+        source, weight = source + [2, 2, 3], weight + [1.0, 1.0, 1.0]
+    target = reg_target[:, :, source]
+    channel_weight = reg_pred.new_tensor(weight).float().view(1, 1, -1, 1, 1)
+    reg_l1 = ((reg_pred.float() - target).abs() * channel_weight * reg_weight.unsqueeze(2)).sum()
     return (pos_loss.sum() + neg_loss.sum()) / num_pos, reg_l1 / num_pos
 
 

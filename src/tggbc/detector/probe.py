@@ -44,7 +44,7 @@ def peak_errors(
 
     Args:
         score: [N, h, w] best class probability per cell. peak: [N, h, w] bool (3x3 local maxima).
-        regression: [N, 3, h, w] the head's (du, dv) offset in cells from the cell centre and log depth.
+        regression: [N, >=3, h, w] the head's (du, dv) offset in cells from the cell centre and log depth.
         camera: [M] int, the camera imaging each object's centre. uv: [M, 2] that centre in pixels.
         depth: [M] metres along that camera's axis. stride: pixels per cell.
     Returns:
@@ -66,7 +66,7 @@ def peak_errors(
         if window[best] < threshold:
             continue
         r, c = r0 + best[0], c0 + best[1]
-        du, dv, log_depth = regression[camera[i], :, r, c]
+        du, dv, log_depth = regression[camera[i], :3, r, c]
         found[i] = True
         cell[i] = (camera[i] * h + r) * w + c
         pixel_error[i] = float(np.hypot(c + 0.5 + du - cu, r + 0.5 + dv - cv)) * stride

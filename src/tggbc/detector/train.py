@@ -338,6 +338,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --fine-head: a deeper head trunk that also reads the stride-4 stage (DetectorConfig.detail_head)",
     )
     parser.add_argument(
+        "--ground-contact",
+        action="store_true",
+        help="with --detail-head: also regress each object's ground contact row and fuse the depth where its"
+        " ray meets the road with the direct one (DetectorConfig.ground_contact)",
+    )
+    parser.add_argument(
         "--proposal-class",
         action="store_true",
         help="peak queries also carry the dense head's class logits at their cell (DetectorConfig.proposal_class)",
@@ -402,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
         config={
             "fine_head": args.fine_head,
             "detail_head": args.detail_head,
+            "ground_contact": args.ground_contact,
             "proposal_class": args.proposal_class,
             "dense_score_weight": args.dense_score_weight,
             "class_peak_threshold": args.class_peak_threshold,
