@@ -502,6 +502,21 @@ def test_probe_counts_every_object_a_camera_sees(dataset):
         expected += int((seen & (np.linalg.norm(ego[:, :2], axis=1) < 50.0)).sum())
     assert expected > 0 and sum(summary["objects"]) == expected
     assert all(0.0 <= f <= 1.0 for f, n in zip(summary["found"], summary["objects"], strict=True) if n)
+    assert "ground_depth_error" not in summary
+
+
+def test_probe_reports_both_depths_of_a_ground_contact_head(dataset):
+    from tggbc.detector.probe import format_summary, probe
+
+    torch.manual_seed(0)
+    model = PETRDetector(DetectorConfig(**TINY, fine_head=True, detail_head=True, ground_contact=True))
+    with torch.no_grad():
+        model.head.cls[-1].bias.fill_(3.0)  # every cell confident: the peaks count as found
+    summary = probe(model, dataset, "val", progress=False)
+    for key in ("direct_depth_error", "ground_depth_error"):
+        measured = [v for v, f in zip(summary[key], summary["found"], strict=True) if f == f and f > 0]
+        assert len(measured) > 0 and all(v >= 0.0 for v in measured)
+    assert "road |depth err|" in format_summary(summary)
 
 
 def _tiny_inputs():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tggbc.detector.dense import peak_mask
-from tggbc.detector.probe import decoder_depth_errors, peak_errors, summarise
+from tggbc.detector.probe import cell_depth_errors, decoder_depth_errors, format_summary, peak_errors, summarise
 
 STRIDE = 16
 
@@ -89,6 +89,24 @@ def test_summarise_by_band():
     s = summarise(distance, found, pixel, depth, decoder)
     assert s["decoder_depth_error"][0] == pytest.approx(0.3) and s["decoder_depth_error"][4] == pytest.approx(0.1)
     assert math.isnan(s["decoder_depth_error"][1])  # its one object's peak was not selected
+    # Extra columns: the same median |error| over the found objects where they were measured.
+    road = np.array([0.05, 9.0, -0.04, -0.2, np.nan])  # object 1 was not found: its value is ignored
+    s = summarise(distance, found, pixel, depth, extra={"ground_depth_error": road})
+    assert s["ground_depth_error"][0] == pytest.approx(0.05) and s["ground_depth_error"][1] == pytest.approx(0.04)
+    assert math.isnan(s["ground_depth_error"][3]) and s["ground_depth_error"][4] == pytest.approx(0.2)  # 30-40 m: empty
+    assert "decoder_depth_error" not in s
+    assert "road |depth err|" in format_summary(s) and "decoder" not in format_summary(s)
+
+
+def test_cell_depth_errors_by_hand():
+    regression = np.zeros((2, 6, 4, 11), np.float32)
+    regression[1, 4, 2, 7] = math.log(33.0)  # camera 1, row 2, column 7: the road says 33 m
+    regression[1, 3, 2, 7] = math.log(27.0)  # and the direct estimate 27 m
+    cell = np.array([(1 * 4 + 2) * 11 + 7, -1])
+    depth = np.array([30.0, 12.0])
+    road = cell_depth_errors(regression, 4, cell, depth)
+    assert road[0] == pytest.approx(0.1, rel=1e-5) and math.isnan(road[1])
+    assert cell_depth_errors(regression, 3, cell, depth)[0] == pytest.approx(-0.1, rel=1e-5)
 
 
 def test_probe_refuses_to_overwrite_its_output(tmp_path):

@@ -74,6 +74,28 @@ def peak_errors(
     return found, pixel_error, depth_error, cell
 
 
+def cell_depth_errors(regression: np.ndarray, channel: int, cell: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """One log-depth channel of the head's regression at each object's peak cell.
+
+    Args:
+        regression: [N, R, h, w]. channel: which log depth (for a ground-contact head 3 is the
+            direct one and 4 the road's below the contact row; see `dense.py`). cell: [M] each
+            object's peak (`peak_errors`), -1 where none. depth: [M] true depth, metres.
+    Returns:
+        [M] predicted / true depth - 1, NaN where the object has no peak.
+    """
+    n, _, h, w = regression.shape
+    error = np.full(len(cell), np.nan)
+    for i, c in enumerate(cell):
+        if c >= 0:
+            error[i] = float(np.exp(regression[c // (h * w), channel, (c // w) % h, c % w])) / depth[i] - 1.0
+    return error
+
+
+# A ground-contact head's two depth estimates, reported beside the fused one: (summary key, channel).
+CONTACT_COLUMNS = (("direct_depth_error", 3), ("ground_depth_error", 4))
+
+
 def decoder_depth_errors(
     cell: np.ndarray,
     selected: np.ndarray,
@@ -109,14 +131,19 @@ def summarise(
     pixel_error: np.ndarray,
     depth_error: np.ndarray,
     decoder_depth_error: np.ndarray | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Per distance band (`bound.DISTANCE_BANDS`): objects, share found, median pixel error, median
     |relative depth error| and median signed relative depth error (its bias) of the found ones, and
     with `decoder_depth_error` the median |relative depth error| of their decoder boxes (over those
-    whose peak became a query)."""
-    out = {"bands": [], "objects": [], "found": [], "pixel_error": [], "depth_error": [], "depth_bias": []}
+    whose peak became a query). Each `extra` column ([M] relative depth errors, NaN where not
+    measured) is summarised the same way, under its own name."""
+    extra = dict(extra or {})
     if decoder_depth_error is not None:
-        out["decoder_depth_error"] = []
+        extra = {"decoder_depth_error": decoder_depth_error, **extra}
+    out = {"bands": [], "objects": [], "found": [], "pixel_error": [], "depth_error": [], "depth_bias": []}
+    for name in extra:
+        out[name] = []
     for lo, hi in zip(DISTANCE_BANDS[:-1], DISTANCE_BANDS[1:], strict=True):
         band = (distance >= lo) & (distance < hi)
         hit = band & found
@@ -129,20 +156,22 @@ def summarise(
             ("depth_bias", depth_error),
         ):
             out[key].append(float(np.median(values[hit])) if hit.any() else float("nan"))
-        if decoder_depth_error is not None:
-            queried = hit & np.isfinite(decoder_depth_error)
-            value = float(np.median(np.abs(decoder_depth_error[queried]))) if queried.any() else float("nan")
-            out["decoder_depth_error"].append(value)
+        for name, values in extra.items():
+            measured = hit & np.isfinite(values)
+            out[name].append(float(np.median(np.abs(values[measured]))) if measured.any() else float("nan"))
     return out
 
 
 def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | None = None, progress=True) -> dict:
     """`peak_errors` and `decoder_depth_errors` over the frames of a split, summarised by distance
-    from the ego vehicle."""
+    from the ego vehicle; for a ground-contact head also its direct and road depths at each peak
+    (`CONTACT_COLUMNS`)."""
     frames = split_frames(dataroot, split, max_frames)
     config = model.config
     image_size = (config.image_width, config.image_height)
     names = ("distance", "found", "pixel_error", "depth_error", "decoder_depth_error")
+    parts = CONTACT_COLUMNS if config.ground_contact else ()
+    names += tuple(name for name, _ in parts)
     columns = {name: [] for name in names}
     iterator = frames
     if progress:
@@ -163,29 +192,42 @@ def probe(model: PETRDetector, dataroot, split: str = "val", max_frames: int | N
         seen = camera >= 0
         centers, camera, depth = centers[seen], camera[seen], depth[seen]
         uv = project_points(centers, frame.lidar2img)[0][camera, np.arange(len(centers))]  # (M, 2)
+        grid = regression[0].float().numpy()
         found, pixel_error, depth_error, cell = peak_errors(
-            score.numpy(), peak.numpy(), regression[0].float().numpy(), camera, uv, depth, config.head_stride
+            score.numpy(), peak.numpy(), grid, camera, uv, depth, config.head_stride
         )
         decoder_error = decoder_depth_errors(
             cell, inputs.proposal_cells[0].numpy(), box_center.double().numpy(), camera, depth, frame.lidar2img
         )
         distance = np.linalg.norm(transformed_xy(frame.lidar2ego, centers), axis=1)
-        for name, values in zip(names, (distance, found, pixel_error, depth_error, decoder_error), strict=True):
+        measured = [distance, found, pixel_error, depth_error, decoder_error]
+        measured += [cell_depth_errors(grid, channel, cell, depth) for _, channel in parts]
+        for name, values in zip(names, measured, strict=True):
             columns[name].append(values)
-    return summarise(*(np.concatenate(columns[name]) for name in names))
+    merged = {name: np.concatenate(values) for name, values in columns.items()}
+    extra = {name: merged[name] for name, _ in parts}
+    return summarise(*(merged[name] for name in names[:5]), extra=extra)
+
+
+# Optional columns of a summary and their headings, in print order.
+_OPTIONAL_COLUMNS = (
+    ("direct_depth_error", "direct |depth err|"),
+    ("ground_depth_error", "road |depth err|"),
+    ("decoder_depth_error", "decoder |depth err|"),
+)
 
 
 def format_summary(summary: dict) -> str:
-    decoder = "decoder_depth_error" in summary
+    optional = [(key, title) for key, title in _OPTIONAL_COLUMNS if key in summary]
     lines = [
         f"{'distance band, m':<18}{'objects':>8}{'found':>7}{'px err':>8}{'|depth err|':>12}{'depth bias':>11}"
-        + (f"{'decoder |depth err|':>21}" if decoder else "")
+        + "".join(f"{title:>21}" for _, title in optional)
     ]
     for i, (lo, hi) in enumerate(summary["bands"]):
         lines.append(
             f"{f'{lo:g}-{hi:g}':<18}{summary['objects'][i]:>8}{summary['found'][i]:>7.2f}"
             f"{summary['pixel_error'][i]:>8.2f}{summary['depth_error'][i]:>12.3f}{summary['depth_bias'][i]:>+11.3f}"
-            + (f"{summary['decoder_depth_error'][i]:>21.3f}" if decoder else "")
+            + "".join(f"{summary[key][i]:>21.3f}" for key, _ in optional)
         )
     return "\n".join(lines)
 
