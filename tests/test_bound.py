@@ -140,12 +140,31 @@ def test_oracle_moves_boxes_along_their_camera_ray_only(dataset):
         assert np.abs(shift).max() > 0.0
 
 
+def test_oracle_limited_to_visible_boxes_keeps_exactly_those(dataset):
+    from tggbc.data import list_frames
+    from tggbc.detector.bound import VISIBLE_LEVEL, oracle_detections
+
+    kept = dropped = 0
+    for frame in list_frames(dataset, "val"):
+        _, every = oracle_detections(frame, (176, 64), 0.5, np.random.default_rng(0))
+        det, visible = oracle_detections(frame, (176, 64), 0.5, np.random.default_rng(0), VISIBLE_LEVEL)
+        assert np.array_equal(visible, every[frame.gt_visibility[every] >= VISIBLE_LEVEL])
+        # The same depth draws: a box seen by both is placed identically.
+        full, _ = oracle_detections(frame, (176, 64), 0.5, np.random.default_rng(0))
+        assert np.array_equal(det.center.numpy(), full.center.numpy()[np.isin(every, visible)])
+        kept, dropped = kept + len(visible), dropped + len(every) - len(visible)
+    assert kept > 0 and dropped > 0  # the tiny dataset has boxes of both kinds
+
+
 def test_bound_command_scores_a_perfect_submission_like_the_zero_pixel_oracle(dataset, tmp_path, capsys):
     from tggbc.cli import main
 
     first = tmp_path / "first"
     assert main(["bound", "--data", str(dataset), "--pixels", "0,2", "--out", str(first), "--quiet"]) == 0
     rows = json.loads((first / "bound.json").read_text())["rows"]
+    assert [row["kind"] for row in rows] == ["oracle", "oracle", "visible", "visible"]
+    assert rows[2]["mAP"] <= rows[0]["mAP"]  # seeing fewer boxes can only lose
+    assert rows[2]["radial"]["matched"] == rows[2]["radial"]["matched_visible"]  # it reports visible boxes only
     assert rows[0]["mATE"] == pytest.approx(0.0, abs=1e-6) and rows[0]["mAP"] >= rows[1]["mAP"]
     assert rows[1]["mATE"] > 0.0
     assert (first / "bound.png").stat().st_size > 0

@@ -75,6 +75,8 @@ def test_frames_agree_with_tables(dataset):
             np.testing.assert_allclose(center, record["translation"], atol=1e-3)
             np.testing.assert_allclose(box[3:6], record["size"], atol=1e-4)
             assert valid == (record["num_lidar_pts"] + record["num_radar_pts"] > 0)
+        visibility = [int(records[token]["visibility_token"]) for token in frame.gt_annotation_tokens]
+        assert frame.gt_visibility.tolist() == visibility and set(visibility) <= {1, 2, 3, 4}
 
 
 def test_velocities_match_devkit(dataset):

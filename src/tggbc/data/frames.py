@@ -47,6 +47,8 @@ class Frame:
         gt_valid: [N] bool, lidar + radar points > 0 (the eval ignores other GT boxes).
         gt_attribute_names: N nuScenes attribute names ('' for classes without attributes).
         gt_annotation_tokens: N sample_annotation tokens.
+        gt_visibility: [N] int64 nuScenes visibility level, 1..4: at most 40%, 40-60%, 60-80% and
+            80-100% of the box visible in the images.
     """
 
     sample_token: str
@@ -68,6 +70,7 @@ class Frame:
     gt_valid: np.ndarray
     gt_attribute_names: list[str]
     gt_annotation_tokens: list[str]
+    gt_visibility: np.ndarray
 
     def read_images(self) -> np.ndarray:
         """Read the six images from disk: [6, H, W, 3] uint8 RGB (also stored in `images`)."""
@@ -196,7 +199,7 @@ def _build_frame(root: Path, scene_name: str, sample: dict, index: _Index) -> Fr
         lidar2img.append(padded @ lidar2cam_matrix)
         image_paths.append(str(root / record["filename"]))
 
-    boxes, labels, lidar_pts, radar_pts, attribute_names, tokens = [], [], [], [], [], []
+    boxes, labels, lidar_pts, radar_pts, attribute_names, tokens, visibility = [], [], [], [], [], [], []
     for annotation in index.annotations_of_sample[sample["token"]]:
         detection_class = CATEGORY_TO_CLASS.get(index.instance_category[annotation["instance_token"]])
         if detection_class is None:
@@ -213,6 +216,7 @@ def _build_frame(root: Path, scene_name: str, sample: dict, index: _Index) -> Fr
         attribute_tokens = annotation["attribute_tokens"]
         attribute_names.append(index.attributes[attribute_tokens[0]] if attribute_tokens else "")
         tokens.append(annotation["token"])
+        visibility.append(int(annotation["visibility_token"]))
 
     lidar_pts_array = np.array(lidar_pts, dtype=np.int64)
     radar_pts_array = np.array(radar_pts, dtype=np.int64)
@@ -236,6 +240,7 @@ def _build_frame(root: Path, scene_name: str, sample: dict, index: _Index) -> Fr
         gt_valid=(lidar_pts_array + radar_pts_array) > 0,
         gt_attribute_names=attribute_names,
         gt_annotation_tokens=tokens,
+        gt_visibility=np.array(visibility, dtype=np.int64),
     )
 
 
