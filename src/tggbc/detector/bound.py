@@ -287,7 +287,11 @@ def plot_radial_errors(rows: list[dict], path: str | Path, title: str = "") -> P
 
     from .plots import _save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.0))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 5.2))
+    # One colour per pixel error: the idealised detector that sees every box dashed, the one that
+    # sees only boxes more than 40% visible dash-dotted in the same colour.
+    sigmas = sorted({row["sigma_px"] for row in rows if row["sigma_px"] is not None})
+    colours = {sigma: f"C{i}" for i, sigma in enumerate(sigmas)}
     for row in rows:
         radial = row["radial"]
         mid = [(lo + hi) / 2 for lo, hi in radial["bands"]]
@@ -295,18 +299,21 @@ def plot_radial_errors(rows: list[dict], path: str | Path, title: str = "") -> P
         style = {
             "submission": dict(color="black", linewidth=2.2),
             "true_classes": dict(color="black", linewidth=1.2, linestyle=":"),
-            "visible": dict(linewidth=1.0, linestyle="-."),
-        }.get(row["kind"], dict(linestyle="--"))
+            "visible": dict(color=colours.get(row["sigma_px"]), linewidth=1.0, linestyle="-.", marker="s"),
+        }.get(row["kind"], dict(color=colours.get(row["sigma_px"]), linestyle="--", marker="o"))
+        style.setdefault("marker", "o")
         label = f"{row['name']} (mAP {row['mAP']:.3f})"
-        left.plot(mid, radial["median_m"], marker="o", label=label, **style)
-        right.plot(mid, matched, marker="o", label=label, **style)
+        left.plot(mid, radial["median_m"], label=label, **style)
+        right.plot(mid, matched, **style)
     left.set_ylabel("median |radial error| of matched boxes, m")
     right.set_ylabel(f"GT boxes matched within {MATCH_DISTANCE:g} m")
     right.set_ylim(0, 1.02)
     for ax in (left, right):
         ax.set_xlabel("distance from the ego vehicle, m (band centre)")
         ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    # Below the axes: inside, ten entries hid the lines they name.
+    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.subplots_adjust(bottom=0.3, wspace=0.25)
     fig.suptitle(title or "Depth read to sigma pixels by an idealised detector, against the model", fontsize=10)
     path = Path(path)
     _save_figure(fig, path)
