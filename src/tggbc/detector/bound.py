@@ -277,6 +277,17 @@ def radial_error_by_distance(frames, submission: dict, class_range: dict[str, fl
     return out
 
 
+def band_shares(counts: list[int], totals: list[int]) -> list[float]:
+    """counts / totals per distance band, NaN where a band has no box."""
+    return [c / t if t else float("nan") for c, t in zip(counts, totals, strict=True)]
+
+
+def _format_shares(radial: dict, counts: str, totals: str) -> str:
+    """One line: "0-10 m 0.92, 10-20 m 0.78, ..." of radial[counts] / radial[totals]."""
+    shares = band_shares(radial[counts], radial[totals])
+    return ", ".join(f"{lo:g}-{hi:g} m {share:.2f}" for (lo, hi), share in zip(radial["bands"], shares, strict=True))
+
+
 def plot_radial_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Per distance band, one line per row of `bound`: the median |radial error| of the matched
     boxes (left) and the share of GT boxes matched within 2 m (right)."""
@@ -295,7 +306,7 @@ def plot_radial_errors(rows: list[dict], path: str | Path, title: str = "") -> P
     for row in rows:
         radial = row["radial"]
         mid = [(lo + hi) / 2 for lo, hi in radial["bands"]]
-        matched = [m / g if g else float("nan") for m, g in zip(radial["matched"], radial["gt"], strict=True)]
+        matched = band_shares(radial["matched"], radial["gt"])
         style = {
             "submission": dict(color="black", linewidth=2.2),
             "true_classes": dict(color="black", linewidth=1.2, linestyle=":"),
@@ -398,9 +409,7 @@ def format_rows(rows: list[dict]) -> str:
     for row in rows:
         radial = row["radial"]
         medians = "".join(f"{m:>6.2f}" for m in radial["median_m"])
-        shares = "".join(
-            f"{m / g if g else float('nan'):>6.2f}" for m, g in zip(radial["matched"], radial["gt"], strict=True)
-        )
+        shares = "".join(f"{share:>6.2f}" for share in band_shares(radial["matched"], radial["gt"]))
         lines.append(
             f"{row['name']:<{name}} {row['mAP']:>6.4f} {row['NDS']:>6.4f} {row['mATE']:>6.3f}  {medians}  {shares}"
         )
@@ -429,19 +438,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--submission {args.submission} does not exist")
     rows = bound(args.data, args.out, pixels, args.submission, args.seed, progress=not args.quiet)
     print(format_rows(rows))
-    radial = rows[0]["radial"]
-    shares = ", ".join(
-        f"{lo:g}-{hi:g} m {v / g if g else float('nan'):.2f}"
-        for (lo, hi), v, g in zip(radial["bands"], radial["gt_visible"], radial["gt"], strict=True)
-    )
+    shares = _format_shares(rows[0]["radial"], "gt_visible", "gt")
     print(f"share of the scored GT boxes more than 40% visible: {shares}")
     for row in rows:
         if row["kind"] == "submission":
-            radial = row["radial"]
-            shares = ", ".join(
-                f"{lo:g}-{hi:g} m {m / g if g else float('nan'):.2f}"
-                for (lo, hi), m, g in zip(radial["bands"], radial["matched_visible"], radial["gt_visible"], strict=True)
-            )
+            shares = _format_shares(row["radial"], "matched_visible", "gt_visible")
             print(f"{row['name']}: GT boxes more than 40% visible matched within 2 m: {shares}")
         if "mAP_within" in row:
             caps = ", ".join(f"{cap} m {value:.4f}" for cap, value in row["mAP_within"].items())

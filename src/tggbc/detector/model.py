@@ -243,7 +243,8 @@ class DenseHead(nn.Module):
         if self.detail is not None:
             extra_cls, extra_reg = self.detail(torch.cat([feats, F.pixel_unshuffle(detail, 2), geometry], 1))
             cls, reg = cls + extra_cls, reg + extra_reg[:, :REG_CHANNELS]
-            reg = torch.cat([reg, extra_reg[:, REG_CHANNELS:]], 1)  # the contact row and gate, if any
+            if extra_reg.shape[1] > REG_CHANNELS:  # a ground-contact trunk: its contact row and gate
+                reg = torch.cat([reg, extra_reg[:, REG_CHANNELS:]], 1)
         return cls, reg
 
 

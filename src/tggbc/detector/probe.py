@@ -22,7 +22,7 @@ import torch
 from ..data.transforms import project_points
 from ..files import write_json_atomic
 from .bound import DISTANCE_BANDS, transformed_xy, viewing_camera
-from .dense import proposal_peaks
+from .dense import cell_values, proposal_peaks
 from .evaluate import frame_batch, split_frames
 from .loss import decode_boxes
 from .model import PETRDetector
@@ -84,12 +84,9 @@ def cell_depth_errors(regression: np.ndarray, channel: int, cell: np.ndarray, de
     Returns:
         [M] predicted / true depth - 1, NaN where the object has no peak.
     """
-    n, _, h, w = regression.shape
-    error = np.full(len(cell), np.nan)
-    for i, c in enumerate(cell):
-        if c >= 0:
-            error[i] = float(np.exp(regression[c // (h * w), channel, (c // w) % h, c % w])) / depth[i] - 1.0
-    return error
+    at = cell_values(torch.from_numpy(regression[None, :, channel : channel + 1]), torch.from_numpy(cell.clip(0))[None])
+    error = np.exp(at[0, :, 0].numpy()).astype(np.float64) / depth - 1.0
+    return np.where(cell >= 0, error, np.nan)
 
 
 # A ground-contact head's two depth estimates, reported beside the fused one: (summary key, channel).
