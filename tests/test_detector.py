@@ -124,7 +124,8 @@ def test_train_resume_save_load_evaluate(dataset, tmp_path):
     lines = (run / "loss.csv").read_text().splitlines()
     assert lines[0].startswith("iteration") and len(lines) == 4
     # The options the loss depends on are stored, and a resume that changes them is refused by name.
-    assert state["options"] == {"quality_focal": False, "backbone_grad": 0.0, "augment": True}
+    assert state["options"] == {"quality_focal": False, "backbone_grad": 0.0, "augment": True, "ema": 0.0}
+    assert "ema" not in state  # no average unless asked for
     changes = (({"quality_focal": True}, "quality_focal=False"), ({"backbone_grad": 0.5}, "backbone_grad=0.0"))
     for change, named in changes:
         with pytest.raises(ValueError, match=f"{named} \\(now"):
@@ -447,6 +448,65 @@ def test_train_command_builds_the_detail_head(dataset, tmp_path, monkeypatch):
     assert state["model"]["head.detail.reg.weight"].abs().sum() > 0  # trained off its zero start
 
 
+def test_weight_average_by_hand():
+    from tggbc.detector.ema import WeightAverage
+
+    model = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([5.0, -3.0]))  # from [1, 1]
+    model.num_batches_tracked.fill_(7)
+    average.update(model)
+    # 0.75 * 1 + 0.25 * 5 = 2, 0.75 * 1 + 0.25 * -3 = 0; integer buffers are copied, not averaged.
+    assert average.state["weight"].tolist() == [2.0, 0.0]
+    assert average.state["num_batches_tracked"].item() == 7
+    average.update(model)
+    assert average.state["weight"].tolist() == [2.75, -0.75]  # 0.75 * 2 + 0.25 * 5, 0.75 * 0 + 0.25 * -3
+    assert model.weight.tolist() == [5.0, -3.0]  # the model itself is untouched
+    for decay in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=f"decay must lie in \\(0, 1\\), got {decay}"):
+            WeightAverage(model, decay)
+    with pytest.raises(ValueError, match="decay 0.75, this one 0.5"):
+        WeightAverage(model, 0.5).load_state_dict(average.state_dict())
+
+
+def test_train_with_ema_ships_the_average_and_resumes_it(dataset, tmp_path, monkeypatch):
+    from tggbc.cli import main
+    from tggbc.detector import train as train_module
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("image_width", "image_height")}
+    with pytest.raises(ValueError, match="ema must lie in \\[0, 1\\) \\(0: no average\\), got 1.0"):
+        train(dataset, tmp_path / "bad", iterations=2, config=tiny, ema=1.0, progress=False)
+    run = tmp_path / "run"
+    ckpt = train(dataset, run, iterations=2, batch=1, warmup=1, config=tiny, ema=0.5, progress=False)
+    before = torch.load(ckpt, weights_only=False)
+    assert before["options"]["ema"] == 0.5 and before["ema"]["decay"] == 0.5
+    floats = [n for n, t in before["model"].items() if t.is_floating_point()]
+    assert any(not torch.equal(before["ema"]["state"][n], before["model"][n]) for n in floats)  # it lags
+    # One more step after resuming: the stored average goes on (restarted, it would start from the weights).
+    train(dataset, run, iterations=3, batch=1, warmup=1, config=tiny, ema=0.5, progress=False, resume=True)
+    after = torch.load(ckpt, weights_only=False)
+    for n in floats:
+        expected = 0.5 * before["ema"]["state"][n] + 0.5 * after["model"][n]
+        torch.testing.assert_close(after["ema"]["state"][n], expected)
+    with pytest.raises(ValueError, match="ema=0.5 \\(now 0.9\\)"):
+        train(dataset, run, iterations=4, batch=1, config=tiny, ema=0.9, progress=False, resume=True)
+
+    # The command ships the average, not the last weights.
+    def tiny_config(**kw):
+        return DetectorConfig(**{**kw, **TINY})
+
+    tiny_config.from_dict = DetectorConfig.from_dict  # the command rebuilds the model from the checkpoint
+    monkeypatch.setattr(train_module, "DetectorConfig", tiny_config)
+    weights = tmp_path / "w.safetensors"
+    argv = ["train", "--data", str(dataset), "--iterations", "2", "--batch", "1", "--warmup", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "c"), "--ema", "0.9", "--weights", str(weights)]) == 0
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    loaded = load_detector(weights).state_dict()
+    for name, t in state["ema"]["state"].items():
+        torch.testing.assert_close(loaded[name], t.half().float() if t.is_floating_point() else t)
+
+
 def test_frames_of_several_datasets_are_pooled(dataset, tmp_path):
     from tggbc.data import generate
     from tggbc.data.frames import list_frames
@@ -591,6 +651,7 @@ def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, c
         ("stored", []),
         ("decoder", ["--dense-score-weight", "0"]),
         ("class_peaks", ["--class-peak-threshold", "0.05"]),
+        ("fewer", ["--max-detections", "7"]),
     )
     for name, extra in overrides:
         argv = ["eval", "--data", str(dataset), "--weights", str(weights), "--fractions", "", "--quiet"]
@@ -599,9 +660,17 @@ def test_eval_command_can_override_the_weights_score_weight(dataset, tmp_path, c
         scores[name] = sorted(b["detection_score"] for boxes in results.values() for b in boxes)
     assert len(scores["stored"]) == len(scores["decoder"]) and scores["stored"] != scores["decoder"]
     assert scores["class_peaks"] != scores["stored"]
+    # The best 7 of each frame's boxes: every frame reports 7, and they are the stored run's best 7.
+    fewer = json.loads((tmp_path / "fewer" / "results_dense.json").read_text())["results"]
+    stored = json.loads((tmp_path / "stored" / "results_dense.json").read_text())["results"]
+    for token, boxes in fewer.items():
+        best = sorted((b["detection_score"] for b in stored[token]), reverse=True)[:7]
+        assert sorted((b["detection_score"] for b in boxes), reverse=True) == best
     bad = (
         ("--dense-score-weight", "1.5", "dense_score_weight must lie in [0, 1], got 1.5"),
         ("--class-peak-threshold", "1", "class_peak_threshold must be None or lie in (0, 1), got 1.0"),
+        ("--max-detections", "501", "max_detections must lie in [1, 500] (the devkit's cap), got 501"),
+        ("--max-detections", "0", "max_detections must lie in [1, 500] (the devkit's cap), got 0"),
     )
     for flag, value, message in bad:
         argv = ["eval", "--data", str(dataset), "--weights", str(weights), flag, value]

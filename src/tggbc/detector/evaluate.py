@@ -303,6 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="also propose where one class alone peaks with probability >= T (default: as the weights say)",
     )
+    parser.add_argument(
+        "--max-detections",
+        type=int,
+        default=None,
+        metavar="M",
+        help="boxes reported per frame, at most 500 (default: as the weights say)",
+    )
     parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
@@ -318,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
         model.config = replace(model.config, dense_score_weight=args.dense_score_weight)  # checks the range
     if args.class_peak_threshold is not None:
         model.config = replace(model.config, class_peak_threshold=args.class_peak_threshold)
+    if args.max_detections is not None:
+        model.config = replace(model.config, max_detections=args.max_detections)
     k = default_k(model.config.num_queries) if args.k is None else args.k
     if args.r is not None:
         settings = [Setting("dense"), Setting("tggbc", r=args.r, n=args.n, k=k)]

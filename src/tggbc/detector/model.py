@@ -30,6 +30,8 @@ from .dense import (
 )
 from .loss import decode_boxes
 
+MAX_BOXES_PER_SAMPLE = 500  # nuScenes detection config: max_boxes_per_sample
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -59,6 +61,7 @@ class DetectorConfig:
     # 28% off and biased near (measured: README). Depth = direct^(1 - g) * geometric^g, g learned.
     ground_contact: bool = False
     ground_z: float = -1.84  # the road's height in the lidar frame (nuScenes' LIDAR_TOP is 1.84 m up)
+    # Boxes reported per frame; the devkit's detection config refuses more than 500 per sample.
     max_detections: int = 300
     # Each peak query's content also carries the dense head's class logits at the cell it was
     # selected from (through a linear map that starts at zero): the decoder's keys sit at stride 16,
@@ -83,6 +86,10 @@ class DetectorConfig:
             raise ValueError("ground_contact=True needs detail_head=True (the detail trunk regresses the contact row)")
         if self.detail_head and len(self.backbone_channels) < 3:
             raise ValueError(f"detail_head=True needs a stride-4 stage: backbone_channels {self.backbone_channels}")
+        if not 1 <= self.max_detections <= MAX_BOXES_PER_SAMPLE:
+            raise ValueError(
+                f"max_detections must lie in [1, {MAX_BOXES_PER_SAMPLE}] (the devkit's cap), got {self.max_detections}"
+            )
         t = self.class_peak_threshold
         if t is not None and not 0.0 < t < 1.0:
             raise ValueError(f"class_peak_threshold must be None or lie in (0, 1), got {t}")

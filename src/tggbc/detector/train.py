@@ -20,6 +20,7 @@ import torch
 from ..files import write_atomic
 from .augment import jitter_colors
 from .dense import dense_loss, dense_targets
+from .ema import WeightAverage
 from .loss import LossConfig, detection_loss, encode_boxes
 from .model import DetectorConfig, PETRDetector
 
@@ -161,6 +162,7 @@ def train(
     augment: bool = True,
     backbone_grad: float = 0.0,
     quality_focal: bool = False,
+    ema: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Train; returns the checkpoint path. See the module docstring.
@@ -171,13 +173,16 @@ def train(
     `augment` jitters the images' colours (see `augment.py`). `backbone_grad` is the share of
     the decoder's gradient that reaches the backbone (see `PETRDetector.inputs`).
     `quality_focal` makes a matched query's class target its box's localisation quality (see
-    `LossConfig.quality_focal`).
+    `LossConfig.quality_focal`). `ema` > 0 also keeps a moving average of the weights with that
+    decay (see `ema.py`); the checkpoint holds both, and `tggbc train --weights` ships the average.
     """
     # PETRDetector.inputs checks this too, but only after minutes of loading frames.
     if not 0.0 <= backbone_grad <= 1.0:
         raise ValueError(f"backbone_grad must lie in [0, 1], got {backbone_grad}")
     if not 0 <= dense_iterations < iterations:
         raise ValueError(f"dense_iterations must lie in [0, iterations={iterations}), got {dense_iterations}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must lie in [0, 1) (0: no average), got {ema}")
     out = Path(out)
     checkpoint_path = out / "checkpoint.pt"
     if out.exists() and any(out.iterdir()) and not resume:
@@ -209,7 +214,7 @@ def train(
         print(f"started from {init}; {len(fresh)} tensors new: {', '.join(fresh) or 'none'}")
     # What the loss and the gradients depend on besides the config: a resumed run must keep them,
     # or it silently trains another objective from the iteration it resumes at.
-    options = {"quality_focal": quality_focal, "backbone_grad": backbone_grad, "augment": augment}
+    options = {"quality_focal": quality_focal, "backbone_grad": backbone_grad, "augment": augment, "ema": ema}
     if resuming:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if DetectorConfig.from_dict(state["config"]) != config:
@@ -224,6 +229,9 @@ def train(
         start = state["iteration"]
         generator.set_state(state["generator"])
         print(f"resumed from {checkpoint_path} at iteration {start}")
+    average = WeightAverage(model, ema) if ema > 0 else None
+    if average is not None and resuming and "ema" in state:
+        average.load_state_dict(state["ema"])
     loss_cfg = LossConfig(quality_focal=quality_focal)
     log_path = out / "loss.csv"
     if not log_path.exists():
@@ -237,6 +245,7 @@ def train(
             "generator": generator.get_state(),
             "config": config.to_dict(),
             "options": options,
+            **({"ema": average.state_dict()} if average is not None else {}),
         }
         write_atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
@@ -284,6 +293,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
             optimizer.step()
+            if average is not None:
+                average.update(model)
             iteration += 1
             log.write(
                 f"{iteration},{time.time() - began:.1f},{loss_value:.4f},{parts['cls']:.4f},{parts['box']:.4f},"
@@ -375,6 +386,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a matched query's class target is its box's localisation quality, not 1 (LossConfig.quality_focal)",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="also keep a moving average of the weights with this decay (e.g. 0.999) and ship it with --weights",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
         "--init", default=None, help="start from the matching tensors of another run's checkpoint.pt or weights file"
@@ -417,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         backbone_grad=args.backbone_grad,
         quality_focal=args.quality_focal,
+        ema=args.ema,
         progress=not args.quiet,
     )
     print(f"checkpoint: {path}")
@@ -425,7 +444,9 @@ def run(args: argparse.Namespace) -> int:
 
         state = torch.load(path, map_location="cpu", weights_only=False)
         model = PETRDetector(DetectorConfig.from_dict(state["config"]))
-        model.load_state_dict(state["model"])
-        save_detector(model, args.weights, extra={"iteration": state["iteration"]})
+        # The moving average when the run kept one: what the run is evaluated and shipped as.
+        model.load_state_dict(state["ema"]["state"] if "ema" in state else state["model"])
+        extra = {"iteration": state["iteration"], **({"ema": state["ema"]["decay"]} if "ema" in state else {})}
+        save_detector(model, args.weights, extra=extra)
         print(f"weights: {args.weights}")
     return 0
