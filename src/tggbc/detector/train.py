@@ -391,7 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="DECAY",
-        help="also keep a moving average of the weights with this decay (e.g. 0.999) and ship it with --weights",
+        help="also keep a moving average of the weights with this decay (e.g. 0.999) in the checkpoint",
+    )
+    parser.add_argument(
+        "--weights-from",
+        choices=("average", "last"),
+        default="average",
+        help="what --weights writes when the run keeps an --ema average: the average (default) or the last weights",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
@@ -444,9 +450,11 @@ def run(args: argparse.Namespace) -> int:
 
         state = torch.load(path, map_location="cpu", weights_only=False)
         model = PETRDetector(DetectorConfig.from_dict(state["config"]))
-        # The moving average when the run kept one: what the run is evaluated and shipped as.
-        model.load_state_dict(state["ema"]["state"] if "ema" in state else state["model"])
-        extra = {"iteration": state["iteration"], **({"ema": state["ema"]["decay"]} if "ema" in state else {})}
+        # At the end of a cosine schedule the last weights can beat their lagging average: the
+        # choice is the user's, made on held-out scenes (README, run 16).
+        average = "ema" in state and args.weights_from == "average"
+        model.load_state_dict(state["ema"]["state"] if average else state["model"])
+        extra = {"iteration": state["iteration"], **({"ema": state["ema"]["decay"]} if average else {})}
         save_detector(model, args.weights, extra=extra)
         print(f"weights: {args.weights}")
     return 0
