@@ -174,7 +174,8 @@ def train(
     the decoder's gradient that reaches the backbone (see `PETRDetector.inputs`).
     `quality_focal` makes a matched query's class target its box's localisation quality (see
     `LossConfig.quality_focal`). `ema` > 0 also keeps a moving average of the weights with that
-    decay (see `ema.py`); the checkpoint holds both, and `tggbc train --weights` ships the average.
+    decay (see `ema.py`); the checkpoint holds both, and `tggbc train --weights` writes the average
+    unless `--weights-from last`.
     """
     # PETRDetector.inputs checks this too, but only after minutes of loading frames.
     if not 0.0 <= backbone_grad <= 1.0:
@@ -213,7 +214,8 @@ def train(
         fresh = warm_start(model, init)
         print(f"started from {init}; {len(fresh)} tensors new: {', '.join(fresh) or 'none'}")
     # What the loss and the gradients depend on besides the config: a resumed run must keep them,
-    # or it silently trains another objective from the iteration it resumes at.
+    # or it silently trains another objective from the iteration it resumes at (or, for `ema`,
+    # silently mixes two averages in one).
     options = {"quality_focal": quality_focal, "backbone_grad": backbone_grad, "augment": augment, "ema": ema}
     if resuming:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
