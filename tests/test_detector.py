@@ -507,18 +507,8 @@ def test_train_with_ema_ships_the_average_and_resumes_it(dataset, tmp_path, monk
         torch.testing.assert_close(loaded[name], t.half().float() if t.is_floating_point() else t)
     # --weights-from last writes the last weights instead; resuming a finished run only writes the file.
     last = tmp_path / "last.safetensors"
-    resume = [
-        "--out",
-        str(tmp_path / "c"),
-        "--ema",
-        "0.9",
-        "--resume",
-        "--weights-from",
-        "last",
-        "--weights",
-        str(last),
-    ]
-    assert main([*argv, *resume]) == 0
+    resume = ["--ema", "0.9", "--resume", "--weights-from", "last", "--weights", str(last)]
+    assert main([*argv, "--out", str(tmp_path / "c"), *resume]) == 0
     assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["iteration"] == 2
     loaded = load_detector(last).state_dict()
     for name, t in state["model"].items():

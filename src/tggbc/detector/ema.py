@@ -3,8 +3,9 @@
 With batches of two frames the weights after any one step carry that step's noise; their running
 average over the last ~1 / (1 - decay) steps carries less of it (YOLO and RT-DETR ship such an
 average). At the end of a cosine schedule the steps are small and the average can trail the last
-weights instead: run 16 measured both on held-out scenes (README). Floating-point parameters and buffers (BatchNorm's
-running statistics too) are averaged; integer buffers (BatchNorm's step count) are copied.
+weights instead: run 16 measured both on held-out scenes (README). Floating-point parameters and
+buffers (BatchNorm's running statistics too) are averaged; integer buffers (BatchNorm's step
+count) are copied.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ..data.classes import DETECTION_CLASSES
 from ..data.splits import SPLIT_NAMES
 from ..files import write_json_atomic
 from ..pruner import KeyPruner
-from .model import Detections, PETRDetector
+from .model import MAX_BOXES_PER_SAMPLE, Detections, PETRDetector
 
 # Default tgGBC attributes per class, by speed (the convention of the PETR-family heads).
 _MOVING = {
@@ -308,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="M",
-        help="boxes reported per frame, at most 500 (default: as the weights say)",
+        help=f"boxes reported per frame, at most {MAX_BOXES_PER_SAMPLE} (default: as the weights say)",
     )
     parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
     parser.add_argument("--threads", type=int, default=None)
@@ -321,12 +321,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_detector(args.weights)
-    if args.dense_score_weight is not None:
-        model.config = replace(model.config, dense_score_weight=args.dense_score_weight)  # checks the range
-    if args.class_peak_threshold is not None:
-        model.config = replace(model.config, class_peak_threshold=args.class_peak_threshold)
-    if args.max_detections is not None:
-        model.config = replace(model.config, max_detections=args.max_detections)
+    # Decoding settings stored with the weights that the command line may override; the config checks their ranges.
+    overrides = {
+        name: getattr(args, name)
+        for name in ("dense_score_weight", "class_peak_threshold", "max_detections")
+        if getattr(args, name) is not None
+    }
+    model.config = replace(model.config, **overrides)
     k = default_k(model.config.num_queries) if args.k is None else args.k
     if args.r is not None:
         settings = [Setting("dense"), Setting("tggbc", r=args.r, n=args.n, k=k)]
