@@ -1,10 +1,11 @@
-"""KeyPruner in a small decoder loop: fast rows vs explicit weights, layouts, masks, no-ops."""
+"""KeyPruner in a small decoder loop: fast rows vs explicit weights, layouts, masks, no-ops, the
+controls, and `pruning`."""
 
 import pytest
 import torch
 from torch import nn
 
-from tggbc import KeyPruner, MultiheadAttention, key_importance, select_keys
+from tggbc import KeyPruner, MultiheadAttention, key_importance, pruning, select_keys
 
 E, H, C = 16, 2, 3
 
@@ -19,7 +20,8 @@ class TinyDecoder(nn.Module):
         self.cls = nn.ModuleList(nn.Linear(E, C) for _ in range(num_layers))
 
     def forward(self, query, memory, key_pos, mask, pruner, mode):
-        pruner.reset(memory.shape[1], len(self.attn), track=True)
+        pruner.reset(memory.shape[1], len(self.attn))
+        self.kept, origin = [], torch.arange(memory.shape[1]).expand(memory.shape[0], -1)
         seen = []
         for layer, (attn, cls) in enumerate(zip(self.attn, self.cls, strict=True)):
             seen.append(memory.shape[1])
@@ -32,7 +34,10 @@ class TinyDecoder(nn.Module):
                 return_rows=mode == "fast",
             )
             query = query + out
-            memory, _, key_pos, mask, _ = pruner.step(layer, cls(query), weights, memory, memory, key_pos, mask)
+            memory, _, key_pos, mask, kept = pruner.step(layer, cls(query), weights, memory, memory, key_pos, mask)
+            if kept is not None:
+                origin = origin.gather(1, kept)
+                self.kept.append(origin)
         return query, seen
 
 
@@ -52,10 +57,11 @@ def test_fast_and_reference_keep_the_same_keys(k):
     fast = KeyPruner(r=[20, 10, 5], k=k)
     ref = KeyPruner(r=[20, 10, 5], k=k)
     out_f, seen_f = dec(q, m, p, mask, fast, "fast")
+    kept_f = dec.kept
     out_r, seen_r = dec(q, m, p, mask, ref, "reference")
     assert seen_f == seen_r == [60, 40, 30]  # the last layer's 5 are never dropped: no later layer
-    assert len(fast.kept) == len(ref.kept) == 2
-    for a, b in zip(fast.kept, ref.kept, strict=True):
+    assert len(kept_f) == len(dec.kept) == 2
+    for a, b in zip(kept_f, dec.kept, strict=True):
         assert torch.equal(a, b)
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
 
@@ -68,7 +74,7 @@ def test_first_layer_matches_the_core_functions():
     dec(q, m, p, None, pruner, "fast")
     out, w = dec.attn[0](q, m + p, m, need_weights=True)
     expected = select_keys(key_importance(dec.cls[0](q + out), w, k=5), 25)
-    assert torch.equal(pruner.kept[0], expected)
+    assert torch.equal(dec.kept[0], expected)
 
 
 def test_disabled_or_zero_is_a_no_op():
@@ -122,7 +128,66 @@ def test_bad_use():
     pruner.reset(num_keys=20, num_layers=6)
     with pytest.raises(ValueError, match="scheduled to see 20"):
         pruner.step(0, torch.randn(1, 4, C), torch.rand(1, 4, 30), torch.randn(1, 30, E))
-    with pytest.raises(ValueError, match=r"attn must be \(B, Nq, Nk\)"):
+    with pytest.raises(ValueError, match=r"attn has shape \(1, 5, 20\)"):
         pruner.step(0, torch.randn(1, 4, C), torch.rand(1, 5, 20), torch.randn(1, 20, E))
     with pytest.raises(TypeError, match="callable"):
         pruner.step(0, torch.randn(1, 4, C), "weights", torch.randn(1, 20, E))
+    with pytest.raises(ValueError, match="key_pos has shape .* key counts differ"):
+        pruner.step(0, torch.randn(1, 4, C), torch.rand(1, 4, 20), torch.randn(1, 20, E), None, torch.randn(1, 19, E))
+    with pytest.raises(ValueError, match="n=0"):
+        KeyPruner(r=10, n=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        KeyPruner(r=10, method="best")
+
+
+def step_once(method, r=8, k=-1, mask=None, seed=0, nk=20, nq=6):
+    g = torch.Generator().manual_seed(seed)
+    cls_logits, attn = torch.randn(2, nq, C, generator=g), torch.rand(2, nq, nk, generator=g).softmax(-1)
+    key = torch.randn(2, nk, E, generator=g)
+    pruner = KeyPruner(r=r, k=k, method=method)
+    pruner.reset(nk, 2)
+    return pruner.step(0, cls_logits, attn, key, key, key.clone(), mask), cls_logits, attn, key
+
+
+def test_controls_keep_as_many_keys_and_rank_as_they_say():
+    tg, cls_logits, attn, _ = step_once("tggbc", k=3)
+    inverse, *_ = step_once("inverse", k=3)
+    importance = key_importance(cls_logits, attn, 3)
+    assert torch.equal(tg.indices, importance.argsort(1)[:, 8:].sort(1).values)  # the 12 most important
+    assert torch.equal(inverse.indices, importance.argsort(1)[:, :12].sort(1).values)  # the 12 least
+    uniform, *_ = step_once("attention")
+    assert torch.equal(uniform.indices, attn.sum(1).argsort(1)[:, 8:].sort(1).values)  # votes of weight 1
+    for method in ("random", "merge"):
+        out, *_ = step_once(method)
+        assert out.key.shape == (2, 12, E) and out.key_pos.shape == (2, 12, E)
+
+
+def test_random_is_seeded_uniform_and_drops_padded_keys_first():
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[:, 15:] = True
+    a, *_ = step_once("random", r=8, mask=mask)
+    b, *_ = step_once("random", r=8, mask=mask)
+    assert torch.equal(a.indices, b.indices)  # same seed, same keys
+    assert (a.indices < 15).all() and not a.key_padding_mask.any()  # 5 padded + 3 valid dropped
+    counts = torch.zeros(20)
+    pruner = KeyPruner(r=10, method="random", seed=1)
+    for _ in range(400):  # fresh draws per forward, uniform over keys
+        pruner.reset(20, 2)
+        kept = pruner.step(0, torch.randn(1, 3, C), torch.rand(1, 3, 20), torch.randn(1, 20, E)).indices
+        counts[kept[0]] += 1
+    assert (counts / 400 - 0.5).abs().max() < 0.1
+
+
+def test_pruning_context_restores_on_error():
+    dec = nn.Module()
+    dec.pruner, dec.attention = "before", "fast"
+    with pytest.raises(RuntimeError, match="boom"):
+        with pruning(dec, KeyPruner(r=1), attention="reference"):
+            assert isinstance(dec.pruner, KeyPruner) and dec.attention == "reference"
+            raise RuntimeError("boom")
+    assert dec.pruner == "before" and dec.attention == "fast"
+    with pruning(dec, attention="reference"):  # the pruner left as it is
+        assert dec.pruner == "before"
+    with pytest.raises(TypeError, match="no `pruner` attribute"):
+        with pruning(nn.Linear(2, 2), None):
+            pass

@@ -61,7 +61,9 @@ class AttentionRows:
             torch.bmm(q[:, h], k, out=out)
         else:
             torch.baddbmm(self.mask[:, 0], q[:, h], k, out=out)  # mask added in the GEMM epilogue
-        return torch._softmax(out, -1, False, out=out)  # in place: public softmax has no out=
+        # Softmax in place (public torch.softmax has no out=): subtract the row max, exp, normalise.
+        out.sub_(out.amax(dim=-1, keepdim=True)).exp_()
+        return out.div_(out.sum(dim=-1, keepdim=True))
 
     @torch.no_grad()
     def __call__(self, query_index: Tensor | None = None) -> Tensor:

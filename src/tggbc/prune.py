@@ -23,7 +23,9 @@ __all__ = [
     "query_confidence",
     "top_queries",
     "importance_from_rows",
+    "attention_importance",
     "key_importance",
+    "parse_r",
     "prune_schedule",
     "select_keys",
     "gather_keys",
@@ -102,29 +104,71 @@ def importance_from_rows(rows: Tensor, weights: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def key_importance(cls_logits: Tensor, attn: Tensor, k: int = -1) -> Tensor:
-    """tgGBC key importance from a full attention map (the reference semantics).
+def attention_importance(attn, query_index: Tensor | None, weights: Tensor) -> Tensor:
+    """S_j = sum_i weights_i * A_ij over the queries in `query_index`, from any form of attention.
+
+    Args:
+        attn: the head-averaged cross-attention of one layer, in one of three forms: the full
+            post-softmax map [B, Nq, Nk]; an object with `importance(query_index, weights)` that
+            computes S straight from the heads (`tggbc.attention.AttentionRows`, the fast path);
+            or a callable `rows(query_index) -> [B, K, Nk]`.
+        query_index: [B, K] long voting queries, or None for all Nq.
+        weights: [B, K] (or [B, Nq]) their votes.
+    Returns:
+        [B, Nk] importance.
+    """
+    if isinstance(attn, Tensor):
+        _check_float("attn", attn, 3)
+        rows = attn
+        if query_index is not None:
+            rows = attn.gather(1, query_index.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))  # (B, K, Nk)
+        return importance_from_rows(rows, weights)
+    if callable(getattr(attn, "importance", None)):
+        return attn.importance(query_index, weights)
+    if callable(attn):
+        return importance_from_rows(attn(query_index), weights)
+    raise TypeError(
+        f"attn must be a [B, Nq, Nk] tensor, an AttentionRows or a callable returning rows, got {type(attn).__name__}"
+    )
+
+
+@torch.no_grad()
+def key_importance(cls_logits: Tensor, attn, k: int = -1) -> Tensor:
+    """tgGBC key importance of one decoder layer.
 
     Args:
         cls_logits: [B, Nq, C] class logits of decoder layer l.
-        attn: [B, Nq, Nk] layer l's cross-attention weights, post-softmax, averaged over heads.
+        attn: layer l's head-averaged cross-attention (see `attention_importance` for its forms).
         k: only the k most confident queries vote; k <= 0 means all queries.
     Returns:
         [B, Nk] importance S_j = sum_i attn_ij * sigmoid(max_c cls_logits_ic), i over the voters.
     """
     _check_float("cls_logits", cls_logits, 3)
-    _check_float("attn", attn, 3)
-    if tuple(attn.shape[:2]) != tuple(cls_logits.shape[:2]):
+    shape = attn.shape if isinstance(attn, Tensor) or hasattr(attn, "shape") else None
+    if shape is not None and tuple(shape[:2]) != tuple(cls_logits.shape[:2]):
         raise ValueError(
-            f"attn has shape {tuple(attn.shape)} (B, Nq, Nk) but cls_logits has shape "
+            f"attn has shape {tuple(shape)} (B, Nq, Nk) but cls_logits has shape "
             f"{tuple(cls_logits.shape)} (B, Nq, C): B and Nq must agree"
         )
-    confidence = query_confidence(cls_logits)
-    index = top_queries(confidence, k)
-    if index is not None:
-        attn = attn.gather(1, index.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
-        confidence = confidence.gather(1, index)
-    return importance_from_rows(attn, confidence)
+    confidence = query_confidence(cls_logits)  # (B, Nq)
+    index = top_queries(confidence, k)  # (B, K) or None
+    weights = confidence if index is None else confidence.gather(1, index)
+    return attention_importance(attn, index, weights)
+
+
+def parse_r(text: str) -> int | float | list[int]:
+    """A budget written as text: '21000' -> 21000 keys, '0.875' -> a fraction of the keys,
+    '4000,4000,0,0,0,0' -> keys per layer. Raises ValueError naming the text otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_r reads text, got {type(text).__name__}")
+    try:
+        if "," in text:
+            return [int(x) for x in text.split(",")]
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(
+            f"r must be an int (keys), a fraction like 0.875, or a comma list of ints, got {text!r}"
+        ) from None
 
 
 def _resolve_total(r: int | float, num_keys: int | None) -> int:
@@ -197,17 +241,32 @@ def prune_schedule(
 
 
 @torch.no_grad()
-def select_keys(importance: Tensor, r: int, key_padding_mask: Tensor | None = None) -> Tensor:
+def select_keys(
+    importance: Tensor,
+    r: int,
+    key_padding_mask: Tensor | None = None,
+    *,
+    traceable: bool = False,
+    check: bool | None = None,
+) -> Tensor:
     """Indices of the keys to keep after dropping the r least important ones per sample.
 
     Padded keys (key_padding_mask True) count as least important of all, so a padded key is
-    never kept while a valid key is dropped. Ties are broken by position (a stable sort: of two
-    equal keys the earlier is dropped first).
+    never kept while a valid key is dropped. Ties go by position: of two equal keys the earlier
+    is dropped first (the order of a stable ascending sort).
+
+    Two implementations of that one rule: a stable argsort (eager), and with `traceable=True` a
+    TopK over the reversed keys, which traces into a static ONNX graph (ONNX has no stable sort;
+    its TopK keeps the lower index of a tie, which on reversed keys is the later key: the same
+    set). Run eagerly, torch.topk promises no tie rule, so keep the default there.
 
     Args:
         importance: [B, Nk] from `key_importance`.
         r: number of keys to drop, 0 <= r < Nk.
         key_padding_mask: optional [B, Nk] bool, True for padded keys.
+        traceable: the TopK form, for export.
+        check: refuse NaN/inf importance (reading the result back to the host). None = only on
+            the CPU, where that costs no device synchronisation; off when traceable.
     Returns:
         [B, Nk - r] long indices of the kept keys, in ascending key order (the reference returns
         them in ascending importance order; order does not change attention results, and key
@@ -222,7 +281,9 @@ def select_keys(importance: Tensor, r: int, key_padding_mask: Tensor | None = No
     if r >= num_keys:
         raise ValueError(f"cannot drop r={r} of Nk={num_keys} keys: at least one key must remain")
     _check_mask(key_padding_mask, batch, num_keys)
-    if not bool(torch.isfinite(importance).all()):
+    if check is None:
+        check = importance.device.type == "cpu" and not traceable
+    if check and not bool(torch.isfinite(importance).all()):
         raise ValueError(
             f"importance of shape {tuple(importance.shape)} contains NaN or inf; "
             "check the attention weights and class logits that produced it"
@@ -231,31 +292,42 @@ def select_keys(importance: Tensor, r: int, key_padding_mask: Tensor | None = No
         # Padded keys sort first, so they go before any valid key; since r < Nk, every sample
         # keeps at least one valid key whenever it has one.
         importance = importance.masked_fill(key_padding_mask, float("-inf"))
-    order = importance.argsort(dim=1, stable=True)  # ascending importance
-    return order[:, r:].sort(dim=1).values
+    if traceable:
+        reversed_index = importance.flip(1).topk(num_keys - r, dim=1, largest=True, sorted=False).indices
+        kept = (num_keys - 1) - reversed_index  # (B, Nk - r), back to key positions
+    else:
+        kept = importance.argsort(dim=1, stable=True)[:, r:]  # ascending importance: drop the first r
+    return kept.sort(dim=1).values
 
 
-def gather_keys(indices: Tensor, *tensors: Tensor | None, key_dim: int = 1) -> tuple[Tensor | None, ...]:
+def gather_keys(
+    indices: Tensor, *tensors: Tensor | None, key_dim: int = 1, check: bool | None = None
+) -> tuple[Tensor | None, ...]:
     """Apply kept-key indices to key-shaped tensors.
 
+    One row gather per tensor (index_select on the flattened batch x key rows): a plain row copy
+    in eager PyTorch and in any ONNX runtime, and the same code traces for export.
+
     Args:
-        indices: [B, Nk'] long indices from `select_keys`.
+        indices: [B, Nk'] long indices from `select_keys`, each in [0, Nk).
         tensors: each None (passed through), a [B, Nk] mask, or a tensor whose dimension
             `key_dim` indexes keys and which has batch at the other of dims 0/1: [B, Nk, ...]
             with key_dim=1 (batch-first) or [Nk, B, ...] with key_dim=0 (sequence-first).
             2-D tensors are always read as [B, Nk] (nn.MultiheadAttention's mask layout).
         key_dim: 1 for batch-first tensors, 0 for sequence-first.
+        check: refuse indices outside [0, Nk) (reads them back to the host). None = only on the CPU.
     Returns:
         A tuple, one entry per input, with Nk replaced by Nk'. The same tensor object passed
         twice (key is value in the PETR hosts) is gathered once.
     """
     if not isinstance(indices, Tensor) or indices.dtype != torch.long or indices.dim() != 2:
-        got = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
-        raise TypeError(f"indices must be a [B, Nk'] long tensor, got {got}")
+        got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
+        raise TypeError(f"indices must be a [B, Nk'] torch.long tensor, got {got}")
     if key_dim not in (0, 1):
         raise ValueError(f"key_dim must be 0 (sequence-first) or 1 (batch-first), got {key_dim}")
-    batch = indices.shape[0]
-    batch_index = torch.arange(batch, device=indices.device).unsqueeze(1)  # (B, 1)
+    if check is None:
+        check = indices.device.type == "cpu"
+    batch, kept = indices.shape
     done: dict[int, Tensor] = {}
     out: list[Tensor | None] = []
     for i, t in enumerate(tensors):
@@ -272,10 +344,19 @@ def gather_keys(indices: Tensor, *tensors: Tensor | None, key_dim: int = 1) -> t
             raise ValueError(
                 f"tensor {i} has shape {tuple(t.shape)}; expected batch {batch} at dim {1 - dim} and keys at dim {dim}"
             )
-        if dim == 1:
-            g = t[batch_index, indices]  # (B, Nk', ...)
-        else:
-            g = t[indices.t(), batch_index.t()]  # (Nk', B, ...)
+        num_keys = t.shape[dim]
+        if check and indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < num_keys):
+            raise ValueError(
+                f"indices must lie in [0, {num_keys}) for tensor {i} of shape {tuple(t.shape)}, got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
+        rest = t.shape[2:]
+        if dim == 1:  # (B, Nk, ...): row b * Nk + j
+            flat = (indices + torch.arange(batch, device=indices.device).unsqueeze(1) * num_keys).reshape(-1)
+            g = t.reshape(batch * num_keys, *rest).index_select(0, flat).reshape(batch, kept, *rest)
+        else:  # (Nk, B, ...): row j * B + b
+            flat = (indices.t() * batch + torch.arange(batch, device=indices.device)).reshape(-1)
+            g = t.reshape(num_keys * batch, *rest).index_select(0, flat).reshape(kept, batch, *rest)
         done[id(t)] = g
         out.append(g)
     return tuple(out)

@@ -1,26 +1,31 @@
-"""`KeyPruner`: tgGBC for a decoder loop in one call per layer.
+"""`KeyPruner`: tgGBC (or a control) for a decoder loop in one call per layer, and `pruning`,
+the reversible way to give a decoder a pruner or an attention mode.
 
-Imports nothing but torch and the core.
+Imports nothing but torch, the core and the baselines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .prune import gather_keys, importance_from_rows, prune_schedule, query_confidence, select_keys, top_queries
+from .baselines import attention_importance_uniform, merge_keys, random_importance
+from .prune import gather_keys, key_importance, prune_schedule, select_keys
 
-__all__ = ["KeyPruner", "PrunedKeys"]
+__all__ = ["KeyPruner", "PrunedKeys", "METHODS", "pruning"]
 
-# Either the full head-averaged map [B, Nq, Nk] (reference path), or a callable that returns the
-# rows of given queries [B, K] -> [B, K, Nk] (None -> all rows), such as attention.AttentionRows.
-Attention = Tensor | Callable[[Tensor | None], Tensor]
+# tgGBC and the controls it is measured against (see `tggbc.baselines`).
+METHODS = ("tggbc", "random", "inverse", "attention", "merge")
 
 
 class PrunedKeys(NamedTuple):
+    """The keys later layers read. After a merge, key_padding_mask is a float [B, Nk'] log-size
+    bias (proportional attention) and indices is None (no key survives as it was)."""
+
     key: Tensor
     value: Tensor | None
     key_pos: Tensor | None
@@ -28,25 +33,37 @@ class PrunedKeys(NamedTuple):
     indices: Tensor | None  # [B, Nk'] kept positions among this layer's keys; None if nothing dropped
 
 
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
 class KeyPruner:
-    """Holds a tgGBC setting and prunes keys after each decoder layer.
+    """Holds a pruning setting and reduces the keys after each decoder layer.
 
     Args:
         r: total keys to drop: an int, a fraction in (0, 1) of the keys the decoder starts
             with, or an explicit per-layer list (see `prune_schedule`).
         n: number of layers that prune (ignored for a list).
         k: only the k most confident queries vote; <= 0 means all.
-        enabled: False makes every call a no-op (handy to flip tgGBC in a built model).
+        method: "tggbc" (the method), or a control at the same kept count: "random",
+            "inverse" (the most important keys dropped), "attention" (all queries vote with
+            weight 1) or "merge" (ToMe-style key merging).
+        seed: of the random control's generator (drawn once per pruning layer and sample, so
+            a run over the same frames in the same order keeps the same keys).
+        enabled: False makes every call a no-op.
+        traceable: select and gather in the form that traces into a static graph (export);
+            it skips the checks that read data back to the host.
         batch_first: key, value, key_pos and cls_logits are [B, N, ...] if True, else [N, B, ...].
             key_padding_mask is always [B, Nk] and attention maps always [B, Nq, Nk].
 
     Use:
         pruner.reset(num_keys=key.shape[1], num_layers=len(layers))
         for l, layer in enumerate(layers):
-            query, rows = layer(query, key, key_pos, key_padding_mask)   # rows: map or callable
+            query, attn = layer(query, key, key_pos, key_padding_mask)   # map, AttentionRows or callable
             cls_logits = cls_branches[l](norm(query))
             key, value, key_pos, key_padding_mask, _ = pruner.step(
-                l, cls_logits, rows, key, value, key_pos, key_padding_mask)
+                l, cls_logits, attn, key, value, key_pos, key_padding_mask)
     """
 
     def __init__(
@@ -54,36 +71,44 @@ class KeyPruner:
         r: int | float | Sequence[int] = 0,
         n: int = 1,
         k: int = -1,
+        method: str = "tggbc",
+        seed: int = 0,
         enabled: bool = True,
+        traceable: bool = False,
         batch_first: bool = True,
     ):
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {k!r}")
+        _check_int("k", k)
+        _check_int("n", n)
+        _check_int("seed", seed)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        if n < 0 and not isinstance(r, (list, tuple)):
+            raise ValueError(f"n must be >= 0 (layers that prune), got n={n}")
         # Validate r and n now (with a placeholder key count) so a bad setting fails at build time.
-        if not isinstance(r, float):
-            prune_schedule(r, n, len(r) if isinstance(r, (list, tuple)) else max(n, 1))
-        else:
+        if isinstance(r, float):
             prune_schedule(r, n, max(n, 1), num_keys=1 << 30)
-        self.r, self.n, self.k, self.enabled, self.batch_first = r, n, k, enabled, batch_first
+        else:
+            prune_schedule(r, n, len(r) if isinstance(r, (list, tuple)) else max(n, 1))
+        if not isinstance(r, (list, tuple)) and r != 0 and n == 0:
+            raise ValueError(f"r={r} keys to drop over n=0 layers: use n >= 1, or r=0 for no pruning")
+        self.r, self.n, self.k, self.method, self.seed = r, n, k, method, seed
+        if traceable and method in ("random", "merge"):
+            raise ValueError(
+                f"method={method!r} cannot be traced into a static graph: export tggbc or a ranking control"
+            )
+        self.enabled, self.traceable, self.batch_first = enabled, traceable, batch_first
         self.schedule: list[int] = []
         self.num_keys: list[int] = []  # keys seen by each layer in the last forward
-        self.kept: list[Tensor] = []  # original key indices kept after each pruning layer (if tracking)
-        self.track = False
-        self._origin: Tensor | None = None
+        self.generator = torch.Generator().manual_seed(seed) if method == "random" else None
 
     def __repr__(self) -> str:
-        return f"KeyPruner(r={self.r!r}, n={self.n}, k={self.k}, enabled={self.enabled})"
+        return f"KeyPruner(r={self.r!r}, n={self.n}, k={self.k}, method={self.method!r}, enabled={self.enabled})"
 
-    def reset(self, num_keys: int, num_layers: int, track: bool = False) -> list[int]:
+    def reset(self, num_keys: int, num_layers: int) -> list[int]:
         """Start a forward pass: resolve the per-layer schedule for this key count.
 
-        Args:
-            num_keys: keys the first layer sees.
-            num_layers: decoder depth.
-            track: record, after each pruning layer, the original indices of the kept keys in
-                `self.kept` (for plots; costs a gather per pruning layer).
         Returns:
-            the schedule, also in `self.schedule`.
+            the schedule (keys dropped after each layer), also in `self.schedule`.
         """
         if not self.enabled:
             self.schedule = [0] * num_layers
@@ -93,28 +118,27 @@ class KeyPruner:
         self.num_keys = [num_keys]
         for drop in self.schedule[:-1]:
             self.num_keys.append(self.num_keys[-1] - drop)
-        self.track, self.kept, self._origin = track, [], None
         return self.schedule
 
     def step(
         self,
         layer: int,
         cls_logits: Tensor,
-        attn: Attention,
+        attn,
         key: Tensor,
         value: Tensor | None = None,
         key_pos: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
     ) -> PrunedKeys:
-        """Prune after decoder layer `layer` (0-based); inputs come back untouched if it drops none.
+        """Reduce the keys after decoder layer `layer` (0-based); inputs come back untouched if it drops none.
 
         Args:
             layer: index of the layer that just ran.
             cls_logits: its class logits, [B, Nq, C] (or [Nq, B, C] if not batch_first).
-            attn: its head-averaged cross-attention weights [B, Nq, Nk], or a callable giving
-                the rows of chosen queries (fast path: only K rows are ever computed).
+            attn: its head-averaged cross-attention: the map [B, Nq, Nk], an AttentionRows
+                (fast path: only K rows per head are computed) or a callable giving rows.
             key, value, key_pos: [B, Nk, E] (or [Nk, B, E]); value may be key itself.
-            key_padding_mask: [B, Nk] bool, True for padded keys.
+            key_padding_mask: [B, Nk] bool, True for padded keys (float after a merge).
         Returns:
             PrunedKeys with Nk - r_l keys in every key-shaped field.
         """
@@ -132,37 +156,76 @@ class KeyPruner:
                 f"layer {layer} was scheduled to see {self.num_keys[layer]} keys but key has shape "
                 f"{tuple(key.shape)}; call reset() at the start of each forward"
             )
+        for name, t in (("value", value), ("key_pos", key_pos)):
+            if t is not None and t is not key and tuple(t.shape[:2]) != tuple(key.shape[:2]):
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)} but key has {tuple(key.shape)}: the key counts differ"
+                )
+        if self.method == "merge":
+            return self._merge(drop, key, value, key_pos, key_padding_mask)
         with torch.no_grad():
-            if not self.batch_first:
-                cls_logits = cls_logits.transpose(0, 1)
-            confidence = query_confidence(cls_logits)  # (B, Nq)
-            index = top_queries(confidence, self.k)  # (B, K) or None
-            weights = confidence if index is None else confidence.gather(1, index)
-            if isinstance(attn, Tensor):
-                expected = (confidence.shape[0], confidence.shape[1], num_keys)
-                if tuple(attn.shape) != expected:
-                    raise ValueError(f"attn must be (B, Nq, Nk) = {expected}, got {tuple(attn.shape)}")
-                rows = attn if index is None else attn.gather(1, index.unsqueeze(-1).expand(-1, -1, num_keys))
-                importance = importance_from_rows(rows, weights)  # (B, Nk)
-            elif hasattr(attn, "importance"):  # AttentionRows: straight from the heads
-                importance = attn.importance(index, weights)
-            elif callable(attn):
-                rows = attn(index)
-                expected = (confidence.shape[0], weights.shape[1], num_keys)
-                if tuple(rows.shape) != expected:
-                    raise ValueError(f"attention rows must be {expected}, got {tuple(rows.shape)}")
-                importance = importance_from_rows(rows, weights)
-            else:
-                raise TypeError(f"attn must be a tensor or a callable returning rows, got {type(attn).__name__}")
-            if importance.shape[-1] != num_keys:
-                raise ValueError(f"attention covers {importance.shape[-1]} keys but key has {num_keys}")
-            kept = select_keys(importance, drop, key_padding_mask)  # (B, Nk - drop)
-            if self.track:
-                origin = self._origin
-                self._origin = kept if origin is None else origin.gather(1, kept)
-                self.kept.append(self._origin)
+            importance = self.importance(cls_logits, attn, num_keys)
+            kept = select_keys(importance, drop, key_padding_mask, traceable=self.traceable)  # (B, Nk - drop)
         # 2-D masks are always read as [B, Nk], so one call serves both layouts.
         key, value, key_pos, key_padding_mask = gather_keys(
-            kept, key, value, key_pos, key_padding_mask, key_dim=key_dim
+            kept, key, value, key_pos, key_padding_mask, key_dim=key_dim, check=False if self.traceable else None
         )
         return PrunedKeys(key, value, key_pos, key_padding_mask, kept)
+
+    @torch.no_grad()
+    def importance(self, cls_logits: Tensor, attn, num_keys: int) -> Tensor:
+        """[B, Nk] scores this pruner's method ranks keys by (the lowest are dropped)."""
+        if not self.batch_first:
+            cls_logits = cls_logits.transpose(0, 1)
+        batch, num_queries = cls_logits.shape[:2]
+        if self.method == "random":
+            return random_importance(batch, num_keys, self.generator, device=cls_logits.device)
+        if self.method == "attention":
+            importance = attention_importance_uniform(attn, batch, num_queries, device=cls_logits.device)
+        else:
+            importance = key_importance(cls_logits, attn, self.k)
+        if importance.shape != (batch, num_keys):
+            raise ValueError(f"the attention covers {tuple(importance.shape)} (B, Nk) but key has {num_keys} keys")
+        return -importance if self.method == "inverse" else importance
+
+    def _merge(self, drop: int, key: Tensor, value, key_pos, key_padding_mask) -> PrunedKeys:
+        if not self.batch_first:
+            raise ValueError("method='merge' is batch-first only, as the host decoders are")
+        size = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                if bool(key_padding_mask.any()):
+                    raise ValueError("method='merge' cannot merge padded keys: pass frames without padding")
+            else:  # the log-size bias of an earlier merge
+                size = key_padding_mask.float().exp()
+        key, key_pos, value, size = merge_keys(key, key_pos, value, drop, size)
+        return PrunedKeys(key, value, key_pos, size.log(), None)
+
+
+@contextmanager
+def pruning(decoder, pruner: KeyPruner | None = ..., attention: str | None = None) -> Iterator:
+    """Give `decoder` a pruner and/or an attention mode for the duration of a `with` block.
+
+        with pruning(detector.decoder, KeyPruner(r=0.875, k=39)):
+            out = detector(images, lidar2img)
+        with pruning(decoder, None, attention="reference"):   # unpruned, unfused attention
+            ...
+
+    Args:
+        decoder: any module with `pruner` and `attention` attributes (the host decoders).
+        pruner: the pruner to use (None: no pruning); left as it is when not given.
+        attention: "fast" or "reference"; left as it is when None.
+    The previous pruner and mode come back when the block ends, also on an error.
+    """
+    for name in ("pruner", "attention"):
+        if not hasattr(decoder, name):
+            raise TypeError(f"{type(decoder).__name__} has no `{name}` attribute: expected a tggbc host decoder")
+    saved = decoder.pruner, decoder.attention
+    try:
+        if pruner is not ...:
+            decoder.pruner = pruner
+        if attention is not None:
+            decoder.attention = attention
+        yield decoder
+    finally:
+        decoder.pruner, decoder.attention = saved
