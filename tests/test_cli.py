@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tggbc.cli import main, parse_r
+from tggbc.cli import main, r_argument
+from tggbc.prune import parse_r
 
 
 def test_help_lists_commands(capsys):
@@ -14,7 +15,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("schedule", "bench"):
+    for command in ("demo", "schedule", "bench", "export", "data", "train", "eval"):
         assert command in out
 
 
@@ -43,5 +44,7 @@ def test_parse_r(text, value):
 
 
 def test_parse_r_rejects_garbage():
-    with pytest.raises(argparse.ArgumentTypeError, match="abc"):
+    with pytest.raises(ValueError, match="'abc'"):
         parse_r("abc")
+    with pytest.raises(argparse.ArgumentTypeError, match="'1,x'"):
+        r_argument("1,x")

@@ -15,18 +15,13 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("tggbc.demo", "the main job: tgGBC's accuracy against its controls, and its speed, with plots"),
     "schedule": ("tggbc.cli", "print the per-layer pruning schedule for an r, n and key count"),
-    "bench": ("tggbc.bench", "decoder latency: dense vs tgGBC (reference and fast) at published shapes"),
+    "bench": ("tggbc.bench", "decoder latency: dense vs tgGBC (reference and fast) at the published shapes"),
+    "export": ("tggbc.export.cli", "export a decoder with tgGBC inside to ONNX, checked against PyTorch"),
     "data": ("tggbc.data.cli", "generate synthetic six-camera driving scenes in nuScenes format"),
-    "train": ("tggbc.detector.train", "train the small PETR-style detector on generated scenes"),
-    "eval": ("tggbc.detector.evaluate", "nuScenes mAP/NDS of a detector, dense and with tgGBC"),
-    "bound": (
-        "tggbc.detector.bound",
-        "mAP ceiling when depth is read from pixels to a given precision, vs a submission",
-    ),
-    "probe": ("tggbc.detector.probe", "the dense head's proposals by distance: found, pixel and depth error"),
-    "export": ("tggbc.export.cli", "export a tgGBC-pruned decoder to ONNX"),
-    "demo": ("tggbc.demo", "the main job: accuracy and speed of tgGBC, with plots"),
+    "train": ("tggbc.detector.train", "train the synthetic-scene detector (defaults: the shipped recipe)"),
+    "eval": ("tggbc.detector.evaluate", "nuScenes mAP/NDS of the detector: dense, tgGBC and its controls"),
 }
 
 
@@ -37,29 +32,78 @@ def _available(module: str) -> bool:
         return False
 
 
-def parse_r(text: str) -> int | float | list[int]:
-    """'21000' -> 21000 keys, '0.875' -> fraction of the keys, '4000,4000,0,0,0,0' -> per layer."""
+def r_argument(text: str) -> int | float | list[int]:
+    """argparse type of every --r: `tggbc.prune.parse_r`, its error as an argparse error."""
+    from .prune import parse_r
+
     try:
-        if "," in text:
-            return [int(x) for x in text.split(",")]
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"r must be an int (keys), a fraction like 0.875, or a comma list of ints, got {text!r}"
-        ) from None
+        return parse_r(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_prune_arguments(parser: argparse.ArgumentParser, r_default: str | None = None) -> None:
-    """The tgGBC setting shared by every command that runs a decoder."""
+def add_prune_arguments(
+    parser: argparse.ArgumentParser, r: str | None = None, n: int | None = 1, k: int | None = -1, k_help: str = ""
+) -> None:
+    """--r, --n, --k: the tgGBC setting of every command that runs a decoder (None: the command's own default)."""
     parser.add_argument(
-        "--r", type=parse_r, default=r_default, help="keys to drop: count, fraction (0.875) or per-layer list"
+        "--r",
+        type=r_argument,
+        default=None if r is None else r_argument(r),
+        metavar="R",
+        help=f"keys to drop: a count, a fraction (0.875) or a per-layer list{'' if r is None else f' (default {r})'}",
     )
-    parser.add_argument("--n", type=int, default=1, help="number of decoder layers that prune (default 1)")
-    parser.add_argument("--k", type=int, default=-1, help="top-k confident queries that vote (<= 0: all)")
+    parser.add_argument(
+        "--n", type=int, default=n, help=f"decoder layers that prune{'' if n is None else f' (default {n})'}"
+    )
+    parser.add_argument(
+        "--k", type=int, default=k, help=k_help or f"top-k confident queries that vote, <= 0: all (default {k})"
+    )
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset and what may override it (--kind, --keys, --queries, --r, --n, --k): the decoder
+    and tgGBC setting `resolve_setting` reads. Shared by `tggbc bench` and `tggbc export`."""
+    from .models.configs import DECODER_KINDS, DECODER_PRESETS
+
+    parser.add_argument(
+        "--preset", default=None, help=f"one of: {', '.join(DECODER_PRESETS)} (default streampetr-v2-99-1600x640)"
+    )
+    parser.add_argument("--kind", choices=DECODER_KINDS, default=None, help="host decoder")
+    parser.add_argument("--keys", type=int, default=None, help="image keys per sample (overrides the preset)")
+    parser.add_argument("--queries", type=int, default=None, help="learnable queries (default: the host's)")
+    add_prune_arguments(
+        parser, r=None, n=None, k=None, k_help="top-k voting queries, <= 0: all (default: the preset's)"
+    )
+
+
+def preset_title(name: str, preset) -> str:
+    return f"preset {name}: {preset.kind} decoder, {preset.keys} keys, r={preset.r} n={preset.n} k={preset.k}"
+
+
+def resolve_setting(args: argparse.Namespace):
+    """The DecoderPreset the --preset / --kind / --keys / --r / --n / --k options describe, and its name."""
+    from .models.configs import DECODER_PRESETS, DecoderPreset
+
+    if args.preset is not None and args.preset not in DECODER_PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(DECODER_PRESETS)}")
+    base = DECODER_PRESETS[args.preset or "streampetr-v2-99-1600x640"]
+    preset = DecoderPreset(
+        kind=args.kind or base.kind,
+        keys=args.keys or base.keys,
+        r=base.r if args.r is None else args.r,
+        n=base.n if args.n is None else args.n,
+        k=base.k if args.k is None else args.k,
+        note=base.note if args.preset else "custom",
+    )
+    name = args.preset or "custom"
+    if any(v is not None for v in (args.kind, args.keys, args.r, args.n, args.k)) and args.preset:
+        name += " (modified)"
+    return name, preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_prune_arguments(parser, r_default="0.875")
+    add_prune_arguments(parser, r="0.875")
     parser.add_argument("--keys", type=int, default=24000, help="keys the decoder starts with")
     parser.add_argument("--layers", type=int, default=6, help="decoder layers")
 

@@ -24,7 +24,7 @@ from .onnx import (
     prune_node_names,
     torch_outputs,
 )
-from .static import STATE_FIELDS, ExportedDecoder, KeySelection, StaticKeyPruner, gather_kept, select_keys_static
+from .static import STATE_FIELDS, ExportedDecoder, KeySelection, StaticKeyPruner
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -37,11 +37,9 @@ __all__ = [
     "add_arguments",
     "compare_onnx",
     "export_onnx",
-    "gather_kept",
     "graph_feeds",
     "onnxruntime_session",
     "prune_node_names",
     "run",
-    "select_keys_static",
     "torch_outputs",
 ]

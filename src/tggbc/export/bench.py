@@ -24,9 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..bench import MethodResult, Preset, _progress, count_flops, summarize
+from ..measure import MethodResult, count_flops, cpu_peak_mb, progress_bar, return_freed_memory, summarize
 from ..models import build_decoder, example_inputs
-from ..pruner import KeyPruner
+from ..models.configs import DecoderPreset
+from ..pruner import KeyPruner, pruning
 from .onnx import DTYPES, EXPORT_EXTRA, export_onnx, graph_feeds, onnxruntime_session, prune_node_names, require
 
 __all__ = ["BACKENDS", "GRAPH_METHODS", "run_backend_benchmark"]
@@ -123,27 +124,23 @@ def _prune_share(backend: str, path: str, feeds: dict, threads: int, dtype: str,
     return prune / total if total else float("nan")
 
 
-def _memory_child() -> None:
+def memory_child() -> None:
     """Entry point of the memory-measuring subprocess: JSON setting on stdin, peak MB per graph out.
 
     Loads each graph, then reads the resident-set high-water mark of its first run above what
     was resident before it (activations and workspace, not weights). glibc is told to hand freed
     memory straight back (a small fixed mmap threshold), as in the PyTorch benchmark.
     """
-    import ctypes
-
     import numpy as np
 
-    from ..bench import _cpu_peak_mb
-
     cfg = json.load(sys.stdin)
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB, fixed
+    return_freed_memory()
     with np.load(cfg["inputs"]) as data:
         feeds = {name: data[name] for name in data.files}
     peaks = {}
     for method, path in cfg["graphs"].items():
         run, _ = _load(cfg["backend"], path, cfg["threads"], cfg["dtype"])
-        peaks[method] = _cpu_peak_mb(lambda run=run: run(feeds))
+        peaks[method] = cpu_peak_mb(lambda run=run: run(feeds))
         del run
     json.dump(peaks, sys.stdout)
 
@@ -156,7 +153,7 @@ def _peak_memory_mb(backend: str, graphs: dict[str, str], feeds: dict, threads: 
     inputs = os.path.join(workdir, "inputs.npz")
     np.savez(inputs, **feeds)
     payload = json.dumps({"backend": backend, "graphs": graphs, "inputs": inputs, "threads": threads, "dtype": dtype})
-    code = "from tggbc.export.bench import _memory_child; _memory_child()"
+    code = "from tggbc.export.bench import memory_child; memory_child()"
     proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement failed:\n{proc.stderr[-2000:]}")
@@ -164,7 +161,7 @@ def _peak_memory_mb(backend: str, graphs: dict[str, str], feeds: dict, threads: 
 
 
 def run_backend_benchmark(
-    preset: Preset,
+    preset: DecoderPreset,
     *,
     backend: str = "onnxruntime",
     methods: tuple[str, ...] | None = None,
@@ -181,7 +178,7 @@ def run_backend_benchmark(
     """Time exported dense and tgGBC graphs of one decoder in ONNX Runtime or OpenVINO (CPU).
 
     Args:
-        preset: host decoder kind, keys and tgGBC setting (`tggbc.bench.PRESETS`).
+        preset: host decoder kind, keys and tgGBC setting (`tggbc.models.configs.DECODER_PRESETS`).
         backend: "onnxruntime" or "openvino".
         methods: subset of ("dense", "tggbc"), in the order to report.
         queries: learnable queries (default: the host's).
@@ -220,7 +217,7 @@ def run_backend_benchmark(
     settings = {"dense": dict(r=0), "tggbc": dict(r=preset.r, n=preset.n, k=preset.k)}
     inputs = example_inputs(decoder, num_keys=preset.keys, batch=batch, seed=seed)
 
-    bar = _progress(
+    bar = progress_bar(
         len(methods) + (warmup + runs) * len(methods), f"bench {backend} {preset.kind} {preset.keys} keys", progress
     )
     with tempfile.TemporaryDirectory(dir=workdir, prefix="tggbc-bench-") as tmp:
@@ -236,14 +233,12 @@ def run_backend_benchmark(
             pruner = KeyPruner(**settings[m]) if m == "tggbc" else None
 
             def forward():
-                decoder.pruner, decoder.attention = pruner, "fast"
-                with torch.inference_mode():
+                with torch.inference_mode(), pruning(decoder, pruner, attention="fast"):
                     return decoder(**inputs)
 
             return forward
 
         flops = {m: count_flops(eager(m)) for m in methods}
-        decoder.pruner = None
         peak = _peak_memory_mb(backend, graphs, feeds, threads, dtype, tmp)
         share = {
             m: (_prune_share(backend, graphs[m], feeds, threads, dtype, tmp) if m == "tggbc" else 0.0) for m in methods

@@ -22,7 +22,7 @@ FP32_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench import add_setting_arguments
+    from ..cli import add_setting_arguments
 
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     add_setting_arguments(parser)
@@ -80,7 +80,7 @@ def load_detector_decoder(path: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import resolve_setting
+    from ..cli import resolve_setting
     from ..models import build_decoder
     from .onnx import DEFAULT_OPSET, compare_onnx, export_onnx
 

@@ -1,19 +1,9 @@
 """tgGBC that traces into a static graph: fixed schedule, static shapes, no data-dependent Python.
 
-The eager core validates with data-dependent Python (`bool(isfinite(importance).all())`) and
-ranks keys with a stable argsort; the first cannot be traced and the second has no ONNX
-operator. Here the same kept set comes from one TopK:
-
-    eager:  order = stable ascending argsort(importance); drop order[:r]; keep the rest, ascending
-    here:   TopK(largest, k = Nk - r) over the *reversed* keys, mapped back, then sorted ascending
-
-Stable ascending order ranks keys by (importance, index), so the kept keys are the Nk - r largest
-by (importance, index): of two equal keys the later one is kept. ONNX's TopK breaks ties by the
-lower index first; on the reversed keys the lower reversed index is the later key, which is
-exactly that rule. Padded keys get -inf, as in `select_keys`. Two caveats, both for exact ties
-or bad values only: run eagerly in PyTorch, `torch.topk` promises no tie rule (use `select_keys`
-there); and the eager NaN check cannot raise inside a graph, so a NaN importance gives an
-unspecified kept set.
+The selection itself is the core's (`select_keys(traceable=True)`: one TopK that keeps the
+same set as the eager stable sort, and `gather_keys`' row gathers); this module wraps it in a
+parameter-free `KeySelection` module only so that exported graphs name tgGBC's operators, and
+holds `ExportedDecoder`, a host decoder with plain tensor inputs and outputs.
 
 Imports nothing but torch, the core and the host decoders.
 """
@@ -25,141 +15,53 @@ from torch import Tensor, nn
 
 from ..models.decoder import PETRFamilyDecoder
 from ..models.petr import PETRDecoder
-from ..models.streampetr import StreamPETRDecoder, TemporalState
-from ..prune import importance_from_rows, prune_schedule, query_confidence, top_queries
-from ..pruner import KeyPruner, PrunedKeys
+from ..models.state import TemporalState
+from ..models.streampetr import StreamPETRDecoder
+from ..prune import prune_schedule
+from ..pruner import KeyPruner, PrunedKeys, pruning
 
-__all__ = [
-    "ExportedDecoder",
-    "KeySelection",
-    "StaticKeyPruner",
-    "STATE_FIELDS",
-    "gather_kept",
-    "select_keys_static",
-]
+__all__ = ["ExportedDecoder", "KeySelection", "StaticKeyPruner", "STATE_FIELDS"]
 
 # TemporalState fields, in the order they appear among the graph inputs (state_*) and outputs (next_state_*).
 STATE_FIELDS = ("embedding", "reference_points", "timestamp", "ego_pose", "velocity")
 
 
-def select_keys_static(importance: Tensor, r: int, key_padding_mask: Tensor | None = None) -> Tensor:
-    """`select_keys` in traceable form: the same kept keys for the same importance.
-
-    Args:
-        importance: [B, Nk] key importance.
-        r: keys to drop, a Python int with 0 <= r < Nk (it fixes the output shape).
-        key_padding_mask: optional [B, Nk] bool, True for padded keys (dropped first).
-    Returns:
-        [B, Nk - r] long indices of the kept keys, ascending.
-    """
-    num_keys = importance.shape[1]
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < num_keys:
-        raise ValueError(f"cannot drop r={r!r} of Nk={num_keys} keys: need an int with 0 <= r < Nk")
-    if key_padding_mask is not None:
-        importance = importance.masked_fill(key_padding_mask, float("-inf"))
-    # TopK on the reversed keys: its lower-index-first tie rule then keeps the later of equal keys,
-    # as dropping the first r of a stable ascending sort does. sorted=False: only the set matters.
-    reversed_index = importance.flip(1).topk(num_keys - r, dim=1, largest=True, sorted=False).indices
-    kept = (num_keys - 1) - reversed_index  # (B, Nk - r), back to key positions
-    return kept.sort(dim=1).values  # ascending key order, as select_keys returns
-
-
-def gather_kept(kept: Tensor, tensor: Tensor | None) -> Tensor | None:
-    """Rows of a batch-first key tensor at the kept positions.
-
-    Args:
-        kept: [B, K] long key indices.
-        tensor: [B, Nk, ...] (keys, positions) or [B, Nk] (padding mask), or None.
-    Returns:
-        [B, K, ...] (or [B, K]); None passes through.
-    """
-    if tensor is None:
-        return None
-    batch, num_keys = tensor.shape[:2]
-    # One Gather of whole rows from the flattened (B * Nk, ...) tensor: a plain row copy in any
-    # runtime, where gathering per element (GatherElements) would index every channel.
-    flat = (kept + torch.arange(batch, device=kept.device).unsqueeze(1) * num_keys).reshape(-1)  # (B * K,)
-    rows = tensor.reshape(batch * num_keys, *tensor.shape[2:]).index_select(0, flat)
-    return rows.reshape(batch, kept.shape[1], *tensor.shape[2:])
-
-
 class KeySelection(nn.Module):
-    """tgGBC's own work after one layer: importance, selection and gathers.
+    """tgGBC's own work after one layer (importance, selection, gathers) as a module.
 
-    A module (without parameters) only so that exported graphs name these operators: their
-    nodes carry `KeySelection` in their metadata, which the backend benchmarks use to time
-    tgGBC's share of a run.
-
-    Args:
-        k: the k most confident queries vote; <= 0 means all.
+    Without parameters; a module only so that exported graphs name these operators: their nodes
+    carry `KeySelection` in their metadata, which the backend benchmarks use to time tgGBC's
+    share of a run.
     """
 
-    def __init__(self, k: int = -1):
+    def __init__(self, pruner: KeyPruner):
         super().__init__()
-        self.k = k
+        self.pruner = pruner
 
     def extra_repr(self) -> str:
-        return f"k={self.k}"
+        return repr(self.pruner)
 
-    def forward(
-        self,
-        drop: int,
-        cls_logits: Tensor,
-        attn,
-        key: Tensor,
-        value: Tensor | None,
-        key_pos: Tensor | None,
-        key_padding_mask: Tensor | None,
-    ) -> PrunedKeys:
-        """Drop `drop` keys; shapes as in `KeyPruner.step` (batch-first)."""
-        with torch.no_grad():
-            confidence = query_confidence(cls_logits)  # (B, Nq)
-            index = top_queries(confidence, self.k)  # (B, K) or None
-            weights = confidence if index is None else confidence.gather(1, index)
-            if isinstance(attn, Tensor):  # the explicit [B, Nq, Nk] map
-                rows = attn if index is None else attn.gather(1, index.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
-                importance = importance_from_rows(rows, weights)
-            elif hasattr(attn, "importance"):  # AttentionRows: K rows per head, never the full map
-                importance = attn.importance(index, weights)
-            else:
-                raise TypeError(f"attn must be a tensor or an AttentionRows, got {type(attn).__name__}")
-            kept = select_keys_static(importance, drop, key_padding_mask)  # (B, Nk - drop)
-        new_key = gather_kept(kept, key)
-        new_value = new_key if value is key else gather_kept(kept, value)
-        return PrunedKeys(new_key, new_value, gather_kept(kept, key_pos), gather_kept(kept, key_padding_mask), kept)
+    def forward(self, layer: int, *args, **kwargs) -> PrunedKeys:
+        return KeyPruner.step(self.pruner, layer, *args, **kwargs)
 
 
 class StaticKeyPruner(KeyPruner):
-    """A KeyPruner whose `step` traces into a static graph (same schedule, same kept keys).
+    """A traceable KeyPruner (same schedule, same kept keys) whose work runs inside `selection`.
 
-    Schedule validation stays in `reset` (plain Python on shapes, fine under tracing); `step`
-    drops the data-dependent checks and runs `KeySelection` (`select_keys_static` and row
-    gathers). Batch-first only, as the host decoders are. Register `selection` as a submodule of
-    the module being exported (ExportedDecoder does) so the graph names its operators.
+    Register `selection` as a submodule of the module being exported (ExportedDecoder does) so
+    the graph names its operators.
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, traceable=True, **kwargs)
         if not self.batch_first:
             raise ValueError("StaticKeyPruner is batch-first only, as the host decoders are")
-        self.selection = KeySelection(self.k)
+        self.selection = KeySelection(self)
 
-    def step(
-        self,
-        layer: int,
-        cls_logits: Tensor,
-        attn,
-        key: Tensor,
-        value: Tensor | None = None,
-        key_pos: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-    ) -> PrunedKeys:
-        if not self.schedule:
-            raise RuntimeError("call reset(num_keys, num_layers) before the decoder loop")
-        drop = self.schedule[layer]
-        if drop == 0:
-            return PrunedKeys(key, value, key_pos, key_padding_mask, None)
-        return self.selection(drop, cls_logits, attn, key, value, key_pos, key_padding_mask)
+    def step(self, layer: int, *args, **kwargs) -> PrunedKeys:
+        if self.schedule and self.schedule[layer] == 0:
+            return KeyPruner.step(self, layer, *args, **kwargs)  # nothing dropped: no graph nodes
+        return self.selection(layer, *args, **kwargs)
 
 
 class ExportedDecoder(nn.Module):
@@ -295,11 +197,8 @@ class ExportedDecoder(nn.Module):
             )
         if self.queries:
             kwargs = dict(query=named["query"], reference_points=named["reference_points"])
-        decoder = self.decoder
-        saved = decoder.pruner, decoder.attention
         # Fast attention: fused SDPA everywhere, tgGBC reads only the top-k rows where a layer prunes.
-        decoder.pruner, decoder.attention = self.pruner, "fast"
-        try:
+        with pruning(self.decoder, self.pruner, attention="fast") as decoder:
             out = decoder(
                 named["memory"],
                 named["key_pos"],
@@ -307,8 +206,6 @@ class ExportedDecoder(nn.Module):
                 track_keys=self.kept_keys,
                 **kwargs,
             )
-        finally:
-            decoder.pruner, decoder.attention = saved
         return self.flatten_outputs(out)
 
     def flatten_outputs(self, out) -> tuple[Tensor, ...]:

@@ -25,10 +25,12 @@ from .checkpoint import (
     to_streampetr_state_dict,
 )
 from .decoder import ATTENTION_MODES, DecoderOutput, PETRFamilyDecoder
+from .focalpetr import FocalPETRDecoder
 from .layers import MotionLayerNorm, PETRDecoderLayer, QueryPositionEmbedding
 from .petr import PETRDecoder
 from .position import DecoderKeys, PETRPositionEmbedding, StreamPETRPositionEmbedding
-from .streampetr import FocalPETRDecoder, StreamPETRDecoder, TemporalState
+from .state import TemporalState
+from .streampetr import StreamPETRDecoder
 
 __all__ = [
     "ATTENTION_MODES",

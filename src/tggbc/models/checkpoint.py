@@ -256,8 +256,9 @@ def load_original_state_dict(
     Returns:
         the ConvertedStateDict, so callers can inspect `unused`.
     """
+    from .focalpetr import FocalPETRDecoder
     from .petr import PETRDecoder
-    from .streampetr import FocalPETRDecoder, StreamPETRDecoder
+    from .streampetr import StreamPETRDecoder
 
     if isinstance(decoder, (StreamPETRDecoder, FocalPETRDecoder)):
         converted = convert_streampetr_state_dict(state_dict, prefix)

@@ -12,22 +12,18 @@ Imports nothing but torch and the core.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..pruner import KeyPruner
 from .layers import PETRDecoderLayer, QueryPositionEmbedding, cls_branch, inverse_sigmoid, reg_branch
-
-if TYPE_CHECKING:
-    from .streampetr import TemporalState
+from .state import POINT_CLOUD_RANGE, TemporalState
 
 __all__ = ["DecoderOutput", "PETRFamilyDecoder", "ATTENTION_MODES", "POINT_CLOUD_RANGE"]
 
 ATTENTION_MODES = ("fast", "reference")
-# nuScenes detection range of the published configs: boxes are decoded into it.
-POINT_CLOUD_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 
 
 class DecoderOutput(NamedTuple):
@@ -183,6 +179,7 @@ class PETRFamilyDecoder(nn.Module):
         temp_memory: Tensor | None = None,
         temp_pos: Tensor | None = None,
         track_keys: bool = False,
+        self_attn_mask: Tensor | None = None,
     ) -> DecoderOutput:
         """The decoder loop with tgGBC between layers (no temporal state: `state` is None).
 
@@ -193,6 +190,8 @@ class PETRFamilyDecoder(nn.Module):
             key_padding_mask: [B, Nk] bool or None.
             temp_memory, temp_pos: [B, M, E] extra self-attention keys (StreamPETR) or None.
             track_keys: also return the original indices of the keys each layer saw.
+            self_attn_mask: [Nq, Nq + M] bool, True where a query must not attend (training's
+                denoising groups), or None.
         """
         mode = _check_attention(self.attention)
         pruner = _check_pruner(self.pruner)
@@ -200,7 +199,7 @@ class PETRFamilyDecoder(nn.Module):
         num_layers = len(self.layers)
         schedule = [0] * num_layers
         if pruner is not None:
-            schedule = pruner.reset(num_keys, num_layers, track=track_keys)
+            schedule = pruner.reset(num_keys, num_layers)
         reference = inverse_sigmoid(reference_points)  # (B, Nq, 3), the same for every layer
         origin = torch.arange(num_keys, device=memory.device).expand(batch, -1) if track_keys else None
         hidden, cls_scores, bbox_preds, keys_per_layer, kept = [], [], [], [], []
@@ -215,7 +214,9 @@ class PETRFamilyDecoder(nn.Module):
                 want = "weights"
             else:
                 want = "rows" if schedule[i] else None
-            query, attn = layer(query, query_pos, memory, key_pos, key_padding_mask, temp_memory, temp_pos, want)
+            query, attn = layer(
+                query, query_pos, memory, key_pos, key_padding_mask, temp_memory, temp_pos, want, self_attn_mask
+            )
             # The hosts apply nan_to_num to the normed outputs before their branches.
             out = torch.nan_to_num(self.final_norm(query))  # (B, Nq, E)
             cls_logits = self.cls_branches[i](out)  # (B, Nq, C)
@@ -228,6 +229,8 @@ class PETRFamilyDecoder(nn.Module):
                 )
                 memory, key_pos, key_padding_mask = pruned.key, pruned.key_pos, pruned.key_padding_mask
                 if origin is not None:
+                    if pruned.indices is None:
+                        raise ValueError(f"track_keys: {pruner!r} merges keys, so no key keeps its identity")
                     origin = origin.gather(1, pruned.indices)
         return DecoderOutput(
             cls_scores=torch.stack(cls_scores),

@@ -201,6 +201,7 @@ class PETRDecoderLayer(nn.Module):
         temp_memory: Tensor | None = None,
         temp_pos: Tensor | None = None,
         attention_output: str | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | AttentionRows | None]:
         """One decoder layer.
 
@@ -214,6 +215,8 @@ class PETRDecoderLayer(nn.Module):
             temp_pos: [B, M, E] their position embedding.
             attention_output: None, "rows" (AttentionRows of the cross-attention, fused path) or
                 "weights" (explicit head-averaged [B, Nq, Nk] map, unfused reference path).
+            self_attn_mask: [Nq, Nq (+ M)] bool, True where a query must not attend (the
+                denoising groups of training), or None.
         Returns:
             ([B, Nq, E] layer output, the requested cross-attention output or None).
         """
@@ -224,7 +227,7 @@ class PETRDecoderLayer(nn.Module):
         else:
             self_value = torch.cat([query, temp_memory], dim=1)  # (B, Nq + M, E)
             self_pos = torch.cat([query_pos, temp_pos], dim=1)
-        out, _ = self.self_attn(query + query_pos, self_value + self_pos, self_value)
+        out, _ = self.self_attn(query + query_pos, self_value + self_pos, self_value, attn_mask=self_attn_mask)
         query = self.norm1(query + self.dropout1(out))
 
         out, attn = self.cross_attn(

@@ -71,6 +71,7 @@ class PETRDecoder(PETRFamilyDecoder):
         query: Tensor | None = None,
         reference_points: Tensor | None = None,
         track_keys: bool = False,
+        self_attn_mask: Tensor | None = None,
     ) -> DecoderOutput:
         """Decode 3D boxes from image keys.
 
@@ -82,6 +83,8 @@ class PETRDecoder(PETRFamilyDecoder):
             reference_points: [B, Nq, 3] normalised anchors chosen per sample (two-stage query
                 selection), or None for the learned ones. Nq may differ from num_queries.
             track_keys: return in `kept` the original indices of the keys each layer saw.
+            self_attn_mask: [Nq, Nq] bool, True where a query must not attend (denoising groups
+                in training), or None.
         Returns:
             DecoderOutput (state None).
         """
@@ -97,5 +100,12 @@ class PETRDecoder(PETRFamilyDecoder):
         elif query.shape != query_pos.shape:
             raise ValueError(f"query must be [B, Nq, E] = {tuple(query_pos.shape)}, got {tuple(query.shape)}")
         return self.run_layers(
-            query, query_pos, reference_points, memory, key_pos, key_padding_mask, track_keys=track_keys
+            query,
+            query_pos,
+            reference_points,
+            memory,
+            key_pos,
+            key_padding_mask,
+            track_keys=track_keys,
+            self_attn_mask=self_attn_mask,
         )

@@ -205,10 +205,34 @@ class PETRPositionEmbedding(nn.Module):
             DecoderKeys; key_padding_mask is None when img_shape is None.
         """
         _check_geometry(img_feats, lidar2img)
+        key_pos, key_padding_mask, outside = self.embed(lidar2img, img_feats.shape[-2:], pad_shape, img_shape)
+        return DecoderKeys(self.project(img_feats), key_pos, key_padding_mask, outside)
+
+    def project(self, img_feats: Tensor) -> Tensor:
+        """The memory: input_proj of the features, [B, N, C, H, W] -> [B, N*H*W, E] camera-major."""
         b, n, _, h, w = img_feats.shape
+        memory = self.input_proj(img_feats.flatten(0, 1).to(self.input_proj.weight.dtype))
+        return _camera_major(memory.view(b, n, self.embed_dims, h, w))
+
+    def embed(
+        self,
+        lidar2img: Tensor,
+        feature_shape: tuple[int, int],
+        pad_shape: tuple[int, int],
+        img_shape: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The key side that depends on the cameras only (a fixed rig can compute it once).
+
+        Args:
+            lidar2img: [B, N, 4, 4]; feature_shape: (H, W) of the features; pad_shape, img_shape:
+            as in `forward`.
+        Returns:
+            key_pos [B, N*H*W, E], key_padding_mask [B, N*H*W] or None, outside_range [B, N*H*W].
+        """
+        b, n = lidar2img.shape[:2]
+        h, w = feature_shape
         pad_h, pad_w = pad_shape
-        device, dtype = img_feats.device, self.input_proj.weight.dtype
-        memory = self.input_proj(img_feats.flatten(0, 1).to(dtype)).view(b, n, self.embed_dims, h, w)
+        device, dtype = lidar2img.device, self.input_proj.weight.dtype
         if img_shape is None:
             mask = torch.zeros(b, n, h, w, dtype=torch.bool, device=device)
         else:
@@ -230,12 +254,7 @@ class PETRPositionEmbedding(nn.Module):
         pos = self.position_encoder(inverse_sigmoid(coords).to(dtype)).view(b, n, self.embed_dims, h, w)
         sine = sine_embed_cameras(mask, self.embed_dims // 2).flatten(0, 1).to(dtype)  # (B*N, 3E/2, H, W)
         pos = pos + self.adapt_pos3d(sine).view(b, n, self.embed_dims, h, w)
-        return DecoderKeys(
-            memory=_camera_major(memory),
-            key_pos=_camera_major(pos),
-            key_padding_mask=None if img_shape is None else mask.flatten(1),
-            outside_range=outside.flatten(1),
-        )
+        return _camera_major(pos), None if img_shape is None else mask.flatten(1), outside.flatten(1)
 
 
 class FeatureGate(nn.Module):

@@ -1,4 +1,4 @@
-"""StreamPETR's decoder and head (Wang et al., ICCV 2023), and FocalPETR's, with tgGBC between layers.
+"""StreamPETR's decoder and head (Wang et al., ICCV 2023), with tgGBC between layers.
 
 StreamPETR: 644 learnable queries plus 256 queries propagated from a 1024-entry memory bank of
 earlier frames; the self-attention keys are the 900 queries followed by the other 768 memory
@@ -10,9 +10,7 @@ The reference keeps the memory bank inside its head and resets it on a new scene
 explicit `TemporalState` that goes in and comes out of `forward`, so frames can be replayed,
 batched and benchmarked without hidden module state.
 
-FocalPETR: the same decoder without temporal memory (900 learnable queries).
-
-Box code of both: (cx, cy, cz, log w, log l, log h, sin, cos, vx, vy); centres in metres.
+Box code: (cx, cy, cz, log w, log l, log h, sin, cos, vx, vy); centres in metres.
 
 Imports nothing but torch and the core.
 """
@@ -20,7 +18,6 @@ Imports nothing but torch and the core.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -28,119 +25,9 @@ from torch import Tensor, nn
 from ..pruner import KeyPruner
 from .decoder import POINT_CLOUD_RANGE, DecoderOutput, PETRFamilyDecoder
 from .layers import MotionLayerNorm, nerf_embed, sine_embed_1d
-from .petr import PETRDecoder
+from .state import TemporalState, transform_points
 
-__all__ = ["StreamPETRDecoder", "FocalPETRDecoder", "TemporalState", "transform_points"]
-
-
-def transform_points(points: Tensor, matrix: Tensor) -> Tensor:
-    """Apply a homogeneous transform per sample.
-
-    Args:
-        points: [B, M, 3].
-        matrix: [B, 4, 4].
-    Returns:
-        [B, M, 3].
-    """
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, M, 4)
-    return (matrix.unsqueeze(1) @ homogeneous.unsqueeze(-1)).squeeze(-1)[..., :3]
-
-
-@dataclass
-class TemporalState:
-    """StreamPETR's memory bank between two frames, in the global frame (as the reference leaves it).
-
-    Fields (M = memory_len entries, newest first):
-        embedding: [B, M, E] last-layer query features of the frames that wrote the entries.
-        reference_points: [B, M, 3] float32 box centres in metres, global frame.
-        timestamp: [B, M, 1] float64, minus the time (s) each entry was written: adding the next
-            frame's time gives the entry's age. float64 because nuScenes times (~1.5e9 s) lose
-            whole minutes in float32.
-        ego_pose: [B, M, 4, 4] float32 ego-to-global pose of the frame that wrote each entry.
-        velocity: [B, M, 2] float32 predicted (vx, vy).
-    """
-
-    embedding: Tensor
-    reference_points: Tensor
-    timestamp: Tensor
-    ego_pose: Tensor
-    velocity: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.embedding.shape[0]
-
-    @property
-    def memory_len(self) -> int:
-        return self.embedding.shape[1]
-
-    @classmethod
-    def empty(
-        cls,
-        batch: int,
-        memory_len: int = 1024,
-        embed_dims: int = 256,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> TemporalState:
-        """All-zero memory, what the reference starts a scene with (embedding in `dtype`)."""
-        return cls(
-            embedding=torch.zeros(batch, memory_len, embed_dims, device=device, dtype=dtype),
-            reference_points=torch.zeros(batch, memory_len, 3, device=device),
-            timestamp=torch.zeros(batch, memory_len, 1, device=device, dtype=torch.float64),
-            ego_pose=torch.zeros(batch, memory_len, 4, 4, device=device),
-            velocity=torch.zeros(batch, memory_len, 2, device=device),
-        )
-
-    @classmethod
-    def random(
-        cls,
-        batch: int,
-        memory_len: int = 1024,
-        embed_dims: int = 256,
-        pc_range: Sequence[float] = POINT_CLOUD_RANGE,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        seed: int = 0,
-    ) -> TemporalState:
-        """A plausible full memory bank for benchmarks: entries 0.1-2.5 s old (next frame at time 0),
-        centres inside pc_range, poses near identity, speeds of a few m/s."""
-        g = torch.Generator().manual_seed(seed)
-        low, high = torch.tensor(pc_range[:3]), torch.tensor(pc_range[3:])
-        pose = torch.eye(4).repeat(batch, memory_len, 1, 1)
-        pose[..., :3, 3] = torch.randn(batch, memory_len, 3, generator=g) * 2.0  # the ego moved a few metres
-        state = cls(
-            embedding=torch.randn(batch, memory_len, embed_dims, generator=g),
-            reference_points=low + torch.rand(batch, memory_len, 3, generator=g) * (high - low),
-            # Written at times -0.1 .. -2.5 s: the stored value is minus that time.
-            timestamp=(0.1 + 2.4 * torch.rand(batch, memory_len, 1, generator=g)).double(),
-            ego_pose=pose,
-            velocity=torch.randn(batch, memory_len, 2, generator=g) * 3.0,
-        )
-        state = state.to(device)
-        state.embedding = state.embedding.to(dtype)
-        return state
-
-    def to(self, device: torch.device | str | None) -> TemporalState:
-        """The same state on `device` (dtypes unchanged)."""
-        return TemporalState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def detach(self) -> TemporalState:
-        return TemporalState(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
-
-    def check(self, batch: int, memory_len: int, embed_dims: int) -> None:
-        """Raise ValueError unless every field has the shape a decoder with these sizes expects."""
-        expected = {
-            "embedding": (batch, memory_len, embed_dims),
-            "reference_points": (batch, memory_len, 3),
-            "timestamp": (batch, memory_len, 1),
-            "ego_pose": (batch, memory_len, 4, 4),
-            "velocity": (batch, memory_len, 2),
-        }
-        for name, shape in expected.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise ValueError(f"state.{name} must have shape {shape}, got {got}")
+__all__ = ["StreamPETRDecoder"]
 
 
 class StreamPETRDecoder(PETRFamilyDecoder):
@@ -429,13 +316,3 @@ class StreamPETRDecoder(PETRFamilyDecoder):
             state, out.hidden_states[-1], out.cls_scores[-1], out.bbox_preds[-1], ego_pose, timestamp
         )
         return out._replace(state=new_state)
-
-
-class FocalPETRDecoder(PETRDecoder):
-    """FocalPETR's decoder plus its per-layer heads: StreamPETR's decoder without temporal memory.
-
-    900 learnable queries, zero initial target, box code (cx, cy, cz, log w, log l, log h, sin,
-    cos, vx, vy). Same arguments and forward as `PETRDecoder`.
-    """
-
-    center_index = (0, 1, 2)
