@@ -1,4 +1,8 @@
-"""Atomic file writing: a temp file beside the target, renamed over it only once complete.
+"""Files tggbc writes: atomically, never over the user's without --force, checked before long work.
+
+Every output is written to a temporary file beside its target and renamed over it only once
+complete. Temporary names carry the writer's process id (`.tmp-<pid>-...`), so the leftovers of a
+killed run are recognised and removed the next time anything is written to that directory.
 
 Imports nothing but the standard library.
 """
@@ -7,9 +11,46 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove `.tmp-<pid>-*` files and folders in `directory` whose writer no longer runs."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # somebody else's problem: never fail a run over a leftover
+    return removed
+
+
+def temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -20,7 +61,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    clean_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(), suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -41,3 +83,46 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
             f.write("\n")
 
     return write_atomic(path, write)
+
+
+def _check_writable(directory: Path, what: str, path: Path) -> None:
+    """Create `directory` if needed and prove a file can be made in it, or raise naming `what`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+    clean_stale_temporaries(directory)
+
+
+def prepare_output_file(path: str | os.PathLike, force: bool, what: str) -> Path:
+    """Check, before any long work, that the output file `path` may and can be written.
+
+    Refuses an existing file unless `force`, and anything that is not a regular file; creates
+    the parent directory. `what` names the option in errors (e.g. "--json").
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if path.is_dir():
+            raise IsADirectoryError(f"{what} {path} is a directory; give a file name")
+        if not force:
+            raise FileExistsError(f"{what} {path} exists: pass --force to replace it, or choose another name")
+    _check_writable(path.parent, what, path)
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, force: bool, what: str) -> Path:
+    """Check, before any long work, that results may and can be written into directory `path`.
+
+    Refuses a non-empty directory unless `force` (then files in it may be replaced), and a path
+    that is a file. `what` names the option in errors (e.g. "--out").
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file; give a directory")
+    if path.is_dir() and not force and any(p for p in path.iterdir() if not p.name.startswith(TEMP_PREFIX)):
+        raise FileExistsError(f"{what} {path} is not empty: pass --force to replace its results, or choose another")
+    _check_writable(path, what, path)
+    return path

@@ -1,9 +1,11 @@
-"""`tggbc eval`: nuScenes detection metrics of the detector, dense and with tgGBC, side by side.
+"""`tggbc eval`: the detector's nuScenes metrics with tgGBC and its controls, side by side.
 
-For every frame of the validation split the backbone and position embedding run once; the
-decoder then runs once per setting (dense and each tgGBC setting) on the same keys, timed on
-its own. Predictions are written in the official nuScenes detection submission format and
-scored by nuscenes-devkit's own `DetectionEval` with the standard `detection_cvpr_2019` config.
+For every validation frame the backbone and the position embedding run once; the decoder then
+runs once per setting (dense, and each method at each pruned fraction) on the same keys, its
+time measured on its own. Every setting's boxes are scored with the nuScenes detection metric
+(`tggbc.nuscenes.scoring`), and each setting's difference from the dense decoder gets a
+confidence interval from resampling whole scenes (the same resamples for every setting, so the
+differences are paired).
 """
 
 from __future__ import annotations
@@ -11,185 +13,118 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from ..data.classes import DETECTION_CLASSES
-from ..data.splits import SPLIT_NAMES
-from ..files import write_json_atomic
-from ..pruner import KeyPruner
-from .model import MAX_BOXES_PER_SAMPLE, Detections, PETRDetector
+from ..pruner import METHODS, KeyPruner, pruning
+from .config import DecodeConfig
+from .model import Detector
 
-# Default tgGBC attributes per class, by speed (the convention of the PETR-family heads).
-_MOVING = {
-    "car": ("vehicle.moving", "vehicle.parked"),
-    "truck": ("vehicle.moving", "vehicle.parked"),
-    "bus": ("vehicle.moving", "vehicle.parked"),
-    "trailer": ("vehicle.moving", "vehicle.parked"),
-    "construction_vehicle": ("vehicle.moving", "vehicle.parked"),
-    "pedestrian": ("pedestrian.moving", "pedestrian.standing"),
-    "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
-    "bicycle": ("cycle.with_rider", "cycle.without_rider"),
-}
+DENSE = "dense"  # the decoder without pruning
+# The pruned fractions of the accuracy curve.
+FRACTIONS = (0.5, 0.75, 0.875, 0.95, 0.99)
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "detector.safetensors"
 
 
-# The submission header of a camera-only method.
-SUBMISSION_META = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
+@dataclass(frozen=True)
+class Setting:
+    """One decoder configuration: method None = the dense (unpruned) decoder."""
+
+    name: str
+    method: str | None = None
+    r: int | float | list[int] = 0
+    n: int = 1
+    k: int = -1
+    fraction: float = 0.0  # of the keys dropped in all (for tables and plots)
+
+    def pruner(self, seed: int = 0) -> KeyPruner | None:
+        return None if self.method is None else KeyPruner(r=self.r, n=self.n, k=self.k, method=self.method, seed=seed)
+
+
+def settings_for(methods: list[str], fractions: list[float], k: int, n: int = 1) -> list[Setting]:
+    """The dense decoder, then every method at every fraction (after the first n layers)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    out = [Setting(DENSE)]
+    for f in fractions:
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"a pruned fraction must lie in (0, 1), got {f}")
+        out += [Setting(f"{m}-{f:g}", m, r=float(f), n=n, k=k, fraction=float(f)) for m in methods]
+    return out
 
 
 @dataclass
-class Setting:
-    """One decoder configuration to evaluate; r None = dense."""
+class Interval:
+    """A difference from the dense decoder: point estimate and a 95% bootstrap interval."""
 
-    name: str
-    r: int | float | list[int] | None = None
-    n: int = 1
-    k: int = -1
-
-    def pruner(self) -> KeyPruner | None:
-        return None if self.r is None else KeyPruner(r=self.r, n=self.n, k=self.k)
+    value: float
+    low: float
+    high: float
 
 
 @dataclass
 class SettingResult:
     name: str
-    r: int | float | list[int] | None
+    method: str | None
+    fraction: float
+    r: int | float | list[int]
     n: int
     k: int
     mAP: float
     NDS: float
-    mATE: float
-    mASE: float
-    mAOE: float
-    mAVE: float
-    mAAE: float
+    tp_errors: dict[str, float]
     decoder_ms: float  # median over frames, batch 1
     keys_per_layer: list[int]
+    mAP_diff: Interval | None = None  # this minus dense, with its interval
+    NDS_diff: Interval | None = None
     class_ap: dict[str, float] = field(default_factory=dict)
-    # mAP at each of the devkit's centre-distance thresholds (metres, as strings): how much of the
-    # loss is localisation (the 0.5 and 1 m thresholds) and how much is finding objects at all (4 m).
     threshold_ap: dict[str, float] = field(default_factory=dict)
 
 
-def default_k(num_queries: int) -> int:
-    """k scaled to the query count as StreamPETR's 175 of 900."""
-    return max(1, round(175 * num_queries / 900))
-
-
-def attribute_name(label: str, speed: float) -> str:
-    if label not in _MOVING:
-        return ""
-    moving, still = _MOVING[label]
-    return moving if speed > 0.2 else still
-
-
-def to_submission_boxes(det: Detections, frame) -> list[dict]:
-    """Detections in the lidar frame -> nuScenes submission boxes in the global frame."""
-    from pyquaternion import Quaternion
-
-    lidar2global = frame.ego2global @ frame.lidar2ego.astype(np.float64)
-    rotation, translation = lidar2global[:3, :3], lidar2global[:3, 3]
-    center = det.center.double().numpy() @ rotation.T + translation
-    velocity = np.pad(det.velocity.double().numpy(), ((0, 0), (0, 1))) @ rotation.T
-    boxes = []
-    for i in range(len(det.score)):
-        yaw = float(det.yaw[i])
-        box_rotation = rotation @ np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-        quaternion = Quaternion(matrix=box_rotation, rtol=1e-5, atol=1e-6)
-        label = DETECTION_CLASSES[int(det.label[i])]
-        boxes.append(
-            {
-                "sample_token": frame.sample_token,
-                "translation": center[i].tolist(),
-                "size": det.size[i].double().tolist(),
-                "rotation": list(quaternion.elements),
-                "velocity": velocity[i, :2].tolist(),
-                "detection_name": label,
-                "detection_score": float(det.score[i]),
-                "attribute_name": attribute_name(label, float(np.linalg.norm(velocity[i, :2]))),
-            }
-        )
-    return boxes
-
-
-def nuscenes_metrics(
-    dataroot: str | Path, submission: Path, nusc=None, split: str = "val", max_range: float | None = None
-) -> tuple[dict, object]:
-    """Score a submission file with the devkit's DetectionEval (detection_cvpr_2019) on `split`.
-
-    `max_range` caps every class's evaluation range (metres from the ego vehicle; the standard
-    config uses 30 to 50 m by class): ground truth and predictions beyond it are dropped, as the
-    devkit drops them beyond the standard ranges. None keeps the standard config.
-    """
-    try:
-        from nuscenes import NuScenes
-        from nuscenes.eval.common.config import config_factory
-        from nuscenes.eval.detection.evaluate import DetectionEval
-    except ImportError as e:
-        raise ImportError("tggbc eval needs nuscenes-devkit: pip install 'tggbc[eval]'") from e
-    from ..data.splits import read_meta
-
-    if nusc is None:
-        nusc = NuScenes(version=read_meta(dataroot)["version"], dataroot=str(dataroot), verbose=False)
-    config = config_factory("detection_cvpr_2019")
-    if max_range is not None:
-        if not max_range > 0:
-            raise ValueError(f"max_range must be > 0 metres, got {max_range}")
-        config.class_range = {name: min(r, max_range) for name, r in config.class_range.items()}
-    evaluator = DetectionEval(
-        nusc,
-        config,
-        str(submission),
-        eval_set=split,
-        output_dir=str(Path(submission).parent),
-        verbose=False,
-    )
-    metrics, _ = evaluator.evaluate()
-    return metrics.serialize(), nusc
-
-
-def split_frames(dataroot: str | Path, split: str, max_frames: int | None = None) -> list:
-    """The frames of `split` (the first `max_frames` of them), images not yet read; raises on an
-    unknown split name or an empty split."""
-    from ..data.frames import list_frames
-
-    frames = list_frames(dataroot, split)  # raises on a split name other than 'train' / 'val'
-    if not frames:
-        raise ValueError(f"{dataroot} has no {split} frames")
-    return frames if max_frames is None else frames[:max_frames]
-
-
-def frame_batch(frame) -> tuple[Tensor, Tensor]:
-    """One frame as a batch of one: images [1, 6, 3, H, W] uint8 read from disk (the frame keeps no
-    copy) and lidar2img [1, 6, 4, 4]."""
+def frame_inputs(frame) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """images [1, 6, 3, H, W] uint8 (read now; the frame keeps no copy), lidar2img [1, 6, 4, 4] and
+    lidar2global [4, 4] float64 of one frame."""
     images = torch.from_numpy(frame.read_images()).permute(0, 3, 1, 2).unsqueeze(0)
     frame.images = None
-    return images, torch.from_numpy(frame.lidar2img).unsqueeze(0)
+    lidar2global = frame.ego2global @ frame.lidar2ego.astype(np.float64)
+    return images, torch.from_numpy(frame.lidar2img).unsqueeze(0), lidar2global
 
 
-def evaluate(
-    model: PETRDetector,
-    dataroot: str | Path,
+def frame_boxes(model: Detector, cls_scores, bbox_preds, frame, lidar2global, decode: DecodeConfig) -> list[dict]:
+    """Submission boxes of one frame from one layer's [1, Nq, C] logits and [1, Nq, 10] boxes."""
+    from ..nuscenes.submission import submission_boxes
+
+    (det,) = model.detections(cls_scores, bbox_preds, decode)
+    return submission_boxes(
+        frame.sample_token,
+        *(t.numpy() for t in (det.center, det.size, det.yaw, det.velocity, det.score, det.label)),
+        lidar2global,
+    )
+
+
+@torch.no_grad()
+def run_settings(
+    model: Detector,
+    frames: list,
     settings: list[Setting],
-    out_dir: str | Path,
-    *,
-    max_frames: int | None = None,
-    split: str = "val",
+    decode: DecodeConfig = DecodeConfig(),
+    every_layer: bool = False,
     progress: bool = True,
-) -> list[SettingResult]:
-    """Run every setting over the frames of `split` (default the validation frames) and score it;
-    see the module docstring. `split="train"` measures how far the model fits its training frames."""
-    frames = split_frames(dataroot, split, max_frames)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    submissions = {s.name: {} for s in settings}
-    times = {s.name: [] for s in settings}
-    keys_seen = {}
-    pruners = {s.name: s.pruner() for s in settings}
+    seed: int = 0,
+) -> tuple[dict[str, dict], dict[str, list[float]], dict[str, list[int]]]:
+    """Each setting's submission results over `frames` ({name: {sample_token: boxes}}).
+
+    With `every_layer`, the dense decoder's boxes of every layer are kept too, as
+    "layer-1" ... "layer-L". Also returns per-setting decoder times (ms per frame) and keys per layer.
+    """
+    results: dict[str, dict] = {s.name: {} for s in settings}
+    times: dict[str, list[float]] = {s.name: [] for s in settings}
+    keys_seen: dict[str, list[int]] = {}
+    pruners = {s.name: s.pruner(seed) for s in settings}
     iterator = frames
     if progress:
         from tqdm import tqdm
@@ -197,157 +132,196 @@ def evaluate(
         iterator = tqdm(frames, desc=f"eval {len(settings)} settings", unit="frame")
     model.eval()
     for frame in iterator:
-        images, lidar2img = frame_batch(frame)
-        with torch.inference_mode():
-            inputs = model.inputs(images, lidar2img)
-            for s in settings:
-                model.decoder.pruner = pruners[s.name]
+        images, lidar2img, lidar2global = frame_inputs(frame)
+        keys = model.keys(model.features(images), lidar2img)
+        for s in settings:
+            with pruning(model.decoder, pruners[s.name]):
                 start = time.perf_counter()
-                out = model.decode(inputs)
+                out = model.decode(keys)
                 times[s.name].append((time.perf_counter() - start) * 1e3)
-                keys_seen[s.name] = out.keys_per_layer
-                (det,) = model.detections(out.cls_scores[-1], out.bbox_preds[-1], inputs.proposal_logits)
-                submissions[s.name][frame.sample_token] = to_submission_boxes(det, frame)
-    model.decoder.pruner = None
+            keys_seen[s.name] = out.keys_per_layer
+            boxes = frame_boxes(model, out.cls_scores[-1], out.bbox_preds[-1], frame, lidar2global, decode)
+            results[s.name][frame.sample_token] = boxes
+            if every_layer and s.method is None:
+                for layer in range(len(out.cls_scores)):
+                    name = f"layer-{layer + 1}"
+                    results.setdefault(name, {})[frame.sample_token] = frame_boxes(
+                        model, out.cls_scores[layer], out.bbox_preds[layer], frame, lidar2global, decode
+                    )
+    return results, times, keys_seen
 
-    results, nusc = [], None
+
+def score_settings(
+    gt,
+    settings: list[Setting],
+    results: dict[str, dict],
+    times: dict[str, list[float]],
+    keys_seen: dict[str, list[int]],
+    resamples: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[SettingResult]:
+    """Score every setting and the interval of its difference from the dense decoder."""
+    from ..nuscenes.scoring import match, metrics, scene_resamples
+
+    weights = scene_resamples(gt, resamples, seed) if resamples > 0 else None
+    scored, boot = {}, {}
+    iterator = settings
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(settings, desc="score", unit="setting", leave=False)
+    for s in iterator:
+        matches = match(gt, results[s.name])
+        scored[s.name] = metrics(gt, matches)
+        if weights is not None:
+            boot[s.name] = np.array([[m["mAP"], m["NDS"]] for m in (metrics(gt, matches, w) for w in weights)])
+    base = scored[DENSE]
+    out = []
     for s in settings:
-        path = out_dir / f"results_{s.name}.json"
-        write_json_atomic(path, {"meta": SUBMISSION_META, "results": submissions[s.name]})
-        if max_frames is not None:
-            # The devkit scores whole splits only: on a subset, only latency and keys are meaningful.
-            summary = None
-        else:
-            summary, nusc = nuscenes_metrics(dataroot, path, nusc, split)
-        tp = summary["tp_errors"] if summary else {}
-        results.append(
+        m = scored[s.name]
+        diffs = [None, None]
+        if weights is not None and s.name != DENSE:
+            delta = boot[s.name] - boot[DENSE]  # (resamples, 2): paired differences
+            for i, metric in enumerate(("mAP", "NDS")):
+                low, high = np.percentile(delta[:, i], [2.5, 97.5])
+                diffs[i] = Interval(m[metric] - base[metric], float(low), float(high))
+        out.append(
             SettingResult(
                 name=s.name,
+                method=s.method,
+                fraction=s.fraction,
                 r=s.r,
                 n=s.n,
                 k=s.k,
-                mAP=summary["mean_ap"] if summary else float("nan"),
-                NDS=summary["nd_score"] if summary else float("nan"),
-                mATE=tp.get("trans_err", float("nan")),
-                mASE=tp.get("scale_err", float("nan")),
-                mAOE=tp.get("orient_err", float("nan")),
-                mAVE=tp.get("vel_err", float("nan")),
-                mAAE=tp.get("attr_err", float("nan")),
+                mAP=m["mAP"],
+                NDS=m["NDS"],
+                tp_errors=m["tp_errors"],
                 decoder_ms=statistics.median(times[s.name]),
                 keys_per_layer=keys_seen[s.name],
-                class_ap=summary["mean_dist_aps"] if summary else {},
-                threshold_ap=threshold_aps(summary["label_aps"]) if summary else {},
+                mAP_diff=diffs[0],
+                NDS_diff=diffs[1],
+                class_ap=m["class_ap"],
+                threshold_ap=m["threshold_ap"],
             )
         )
-    return results
-
-
-def threshold_aps(label_aps: dict[str, dict]) -> dict[str, float]:
-    """The devkit's per-class APs {class: {threshold: AP}} -> {threshold: mean over classes}."""
-    per_threshold: dict[float, list[float]] = {}
-    for aps in label_aps.values():
-        for threshold, ap in aps.items():
-            per_threshold.setdefault(float(threshold), []).append(ap)
-    return {f"{t:g}": float(np.mean(aps)) for t, aps in sorted(per_threshold.items())}
+    return out
 
 
 def format_results(results: list[SettingResult]) -> str:
-    dense = next((r for r in results if r.r is None), None)
+    """One row per setting: metrics, difference from dense with its 95% interval, latency, keys."""
+    base = next((r for r in results if r.method is None), None)
     lines = [
-        f"{'setting':<16} {'mAP':>6} {'NDS':>6} {'mATE':>6} {'mASE':>6} {'mAOE':>6} {'mAVE':>6} {'mAAE':>6} "
-        f"{'dec ms':>7} {'x dense':>7}  keys per layer"
+        f"{'setting':<16} {'mAP':>6} {'NDS':>6} {'mAP - dense [95% CI]':>30} {'NDS - dense [95% CI]':>30} "
+        f"{'dec ms':>7} {'x':>6}  keys per layer"
     ]
     for r in results:
-        speedup = dense.decoder_ms / r.decoder_ms if dense else float("nan")
+
+        def diff(d: Interval | None) -> str:
+            return "" if d is None else f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+        speed = f"{base.decoder_ms / r.decoder_ms:.2f}x" if base else ""
         lines.append(
-            f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {r.mATE:>6.3f} {r.mASE:>6.3f} {r.mAOE:>6.3f} {r.mAVE:>6.3f} "
-            f"{r.mAAE:>6.3f} {r.decoder_ms:>7.1f} {speedup:>6.2f}x  {','.join(map(str, r.keys_per_layer))}"
+            f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {diff(r.mAP_diff):>30} {diff(r.NDS_diff):>30} "
+            f"{r.decoder_ms:>7.1f} {speed:>6}  {','.join(map(str, r.keys_per_layer))}"
         )
-    if any(r.threshold_ap for r in results):
-        lines.append("mAP by centre-distance threshold:")
-        for r in results:
-            lines.append(f"{r.name:<16} " + "  ".join(f"{t} m: {ap:.4f}" for t, ap in r.threshold_ap.items()))
     return "\n".join(lines)
 
 
-def standard_settings(num_queries: int, fractions=(0.5, 0.75, 0.875, 0.95), n: int = 1, k: int | None = None):
-    """Dense plus one tgGBC setting per pruned fraction (after layer 1 by default)."""
-    k = default_k(num_queries) if k is None else k
-    return [Setting("dense")] + [Setting(f"tggbc-{f:g}", r=f, n=n, k=k) for f in fractions]
+def to_json(results: list[SettingResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def evaluate(
+    model: Detector,
+    dataroot: str | Path,
+    settings: list[Setting],
+    *,
+    split: str = "val",
+    decode: DecodeConfig = DecodeConfig(),
+    resamples: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[SettingResult]:
+    """Run and score `settings` on the frames of `split`."""
+    from ..data.frames import list_frames
+    from ..nuscenes.scoring import GroundTruth
+
+    frames = list_frames(dataroot, split)
+    if not frames:
+        raise ValueError(f"{dataroot} has no {split} frames")
+    gt = GroundTruth.load(dataroot, split)
+    results, times, keys_seen = run_settings(model, frames, settings, decode, progress=progress, seed=seed)
+    return score_settings(gt, settings, results, times, keys_seen, resamples, seed, progress)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import parse_r
+    from ..cli import add_prune_arguments
 
-    parser.add_argument("--data", required=True, help="dataroot written by `tggbc data synth` (scored on --split)")
-    parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
-    parser.add_argument("--r", type=parse_r, default=None, help="one tgGBC setting instead of the standard sweep")
-    parser.add_argument("--n", type=int, default=1, help="layers that prune (default 1)")
-    parser.add_argument("--k", type=int, default=None, help="voting queries (default: 175/900 of the queries)")
-    parser.add_argument("--fractions", default="0.5,0.75,0.875,0.95", help="pruned fractions of the sweep")
-    parser.add_argument("--out", default="out/eval", help="directory for submissions and results.json")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataroot written by `tggbc data synth`")
     parser.add_argument(
-        "--split", choices=SPLIT_NAMES, default="val", help="frames to score (train: how well the model fits them)"
+        "--weights", default=str(SHIPPED), metavar="FILE", help="detector weights (default: the shipped)"
     )
     parser.add_argument(
-        "--dense-score-weight",
-        type=float,
-        default=None,
-        metavar="W",
-        help="score detections as sigmoid(decoder)^(1-W) * sigmoid(dense head)^W (default: as the weights say)",
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma list of {', '.join(METHODS)} (default: all); each runs at every --fractions",
     )
     parser.add_argument(
-        "--class-peak-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="also propose where one class alone peaks with probability >= T (default: as the weights say)",
+        "--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="pruned fractions (default %(default)s)"
     )
+    add_prune_arguments(parser, r=None, n=1, k=None, k_help="voting queries (default: 175/900 of the queries)")
+    parser.add_argument("--split", choices=("val", "train"), default="val", help="frames to score (default val)")
     parser.add_argument(
-        "--max-detections",
-        type=int,
-        default=None,
-        metavar="M",
-        help=f"boxes reported per frame, at most {MAX_BOXES_PER_SAMPLE} (default: as the weights say)",
+        "--out", default="out/eval", metavar="DIR", help="results.json and submissions (default %(default)s)"
     )
-    parser.add_argument("--max-frames", type=int, default=None, help="only this many frames (no metrics)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
+    parser.add_argument("--resamples", type=int, default=200, help="scene resamples for the intervals (0: none)")
+    parser.add_argument("--max-detections", type=int, default=None, metavar="M", help="boxes per frame (default 300)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import prepare_output_dir, write_json_atomic
     from .weights import load_detector
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
+    out = prepare_output_dir(args.out, args.force, what="--out")
     model = load_detector(args.weights)
-    # Decoding settings stored with the weights that the command line may override; the config checks their ranges.
-    overrides = {
-        name: getattr(args, name)
-        for name in ("dense_score_weight", "class_peak_threshold", "max_detections")
-        if getattr(args, name) is not None
-    }
-    model.config = replace(model.config, **overrides)
-    k = default_k(model.config.num_queries) if args.k is None else args.k
+    decode = DecodeConfig() if args.max_detections is None else DecodeConfig(max_detections=args.max_detections)
+    k = model.config.default_k if args.k is None else args.k
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.r is not None:
-        settings = [Setting("dense"), Setting("tggbc", r=args.r, n=args.n, k=k)]
+        settings = [Setting(DENSE)] + [Setting(f"{m}", m, r=args.r, n=args.n, k=k) for m in methods]
     else:
-        fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
-        settings = standard_settings(model.config.num_queries, fractions, n=args.n, k=k)
-    for s in settings:  # fail on an impossible setting before the long loop
-        if s.r is not None:
+        settings = settings_for(methods, parse_fractions(args.fractions), k, n=args.n)
+    for s in settings:  # an impossible setting fails before the long loop
+        if s.method is not None:
             s.pruner().reset(model.config.num_keys, model.config.num_layers)
-    results = evaluate(
-        model, args.data, settings, args.out, max_frames=args.max_frames, split=args.split, progress=not args.quiet
-    )
+    results = evaluate(model, args.data, settings, split=args.split, decode=decode, resamples=args.resamples,
+                       progress=not args.quiet)  # fmt: skip
     print(format_results(results))
     payload = {
         "weights": str(args.weights),
         "data": str(args.data),
         "split": args.split,
+        "resamples": args.resamples,
         "threads": torch.get_num_threads(),
-        "results": [asdict(r) for r in results],
+        "results": to_json(results),
     }
-    write_json_atomic(Path(args.out) / "results.json", payload)
-    print(f"wrote {Path(args.out) / 'results.json'}")
+    write_json_atomic(out / "results.json", payload)
+    print(f"wrote {out / 'results.json'}")
     return 0
+
+
+def parse_fractions(text: str) -> list[float]:
+    """'0.5,0.75' -> [0.5, 0.75]; each in (0, 1), or a ValueError naming the text."""
+    try:
+        fractions = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions must be a comma list of numbers in (0, 1), got {text!r}") from None
+    if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+        raise ValueError(f"--fractions must be a comma list of numbers in (0, 1), got {text!r}")
+    return fractions

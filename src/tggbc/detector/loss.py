@@ -1,8 +1,8 @@
-"""Set-prediction training signal of the PETR family: Hungarian matching, focal loss, L1 boxes.
+"""The PETR family's training signal: Hungarian matching, focal loss, L1 boxes, on every layer.
 
-Box targets use the PETR box code (cx, cy, log w, log l, cz, log h, sin, cos, vx, vy), centres in
-metres; predictions come from the decoder in the same code. Every decoder layer is supervised
-(each layer is matched on its own, as the hosts do).
+Box targets and predictions use the PETR box code (see `boxes.py`). Every decoder layer is
+matched and supervised on its own, as the hosts do; denoising queries (see `denoise.py`) are
+supervised against their own boxes without matching.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .denoise import DenoisingQueries
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -22,46 +24,12 @@ class LossConfig:
     box_weight: float = 0.25
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    # velocity counts less than geometry in the box loss, as in the hosts' code_weights
+    # velocity counts less than geometry, as in the hosts' code_weights
     code_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
-    # False: a matched query's class target is 1 (the hosts). True: it is the localisation quality
-    # of its box (`localisation_quality`), so that the score ranks boxes by how likely they are
-    # to count as true positives, not only by whether an object is there (quality focal loss).
-    quality_focal: bool = False
-
-
-# The nuScenes detection metric's centre-distance thresholds, metres (detection_cvpr_2019).
-MATCH_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
-
-
-def encode_boxes(center: Tensor, size: Tensor, yaw: Tensor, velocity: Tensor) -> Tensor:
-    """Boxes -> PETR box code.
-
-    Args:
-        center: [M, 3] box centres (x, y, z) in metres, lidar frame.
-        size: [M, 3] (w, l, h) in metres.
-        yaw: [M] heading in radians.
-        velocity: [M, 2] (vx, vy) in m/s.
-    Returns:
-        [M, 10] (cx, cy, log w, log l, cz, log h, sin yaw, cos yaw, vx, vy).
-    """
-    logs = size.clamp_min(1e-3).log()
-    return torch.cat(
-        [center[:, :2], logs[:, :2], center[:, 2:3], logs[:, 2:3], yaw.sin()[:, None], yaw.cos()[:, None], velocity],
-        dim=1,
-    )
-
-
-def decode_boxes(code: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """PETR box code [..., 10] -> (center [..., 3], size wlh [..., 3], yaw [...], velocity [..., 2])."""
-    center = torch.stack([code[..., 0], code[..., 1], code[..., 4]], dim=-1)
-    size = torch.stack([code[..., 2], code[..., 3], code[..., 5]], dim=-1).clamp(max=6.0).exp()
-    yaw = torch.atan2(code[..., 6], code[..., 7])
-    return center, size, yaw, code[..., 8:10]
 
 
 def focal_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Matching cost of assigning each query [Nq, C] to each target label [M]: [Nq, M]."""
+    """Matching cost of giving each query [Nq, C] each target label [M]: [Nq, M]."""
     p = logits.sigmoid()
     pos = -alpha * (1 - p).pow(gamma) * F.logsigmoid(logits)
     neg = -(1 - alpha) * p.pow(gamma) * F.logsigmoid(-logits)
@@ -69,8 +37,10 @@ def focal_cost(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Te
 
 
 @torch.no_grad()
-def hungarian_match(logits: Tensor, boxes: Tensor, labels: Tensor, targets: Tensor, cfg: LossConfig):
-    """Optimal one-to-one assignment of queries to targets for one sample.
+def hungarian_match(
+    logits: Tensor, boxes: Tensor, labels: Tensor, targets: Tensor, cfg: LossConfig
+) -> tuple[Tensor, Tensor]:
+    """Optimal one-to-one assignment of queries to the targets of one sample.
 
     Args:
         logits: [Nq, C]; boxes: [Nq, 10] predictions. labels: [M]; targets: [M, 10].
@@ -79,44 +49,25 @@ def hungarian_match(logits: Tensor, boxes: Tensor, labels: Tensor, targets: Tens
     """
     from scipy.optimize import linear_sum_assignment
 
+    device = logits.device
     if labels.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty
     cost = cfg.cls_weight * focal_cost(logits.float(), labels, cfg.focal_alpha, cfg.focal_gamma)
     cost = cost + cfg.box_weight * torch.cdist(boxes[:, :8].float(), targets[:, :8].float(), p=1)
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    device = logits.device
     return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(
         cols, dtype=torch.long, device=device
     )
 
 
-def localisation_quality(pred_xy: Tensor, gt_xy: Tensor) -> Tensor:
-    """How well each predicted centre would score under the nuScenes metric, in [0, 1].
-
-    The metric matches a box at each threshold t of MATCH_THRESHOLDS whose centre lies within t
-    metres (xy) and averages the APs over them; the quality is the smooth version of the share of
-    thresholds at which the box matches: mean over t of exp(-(d / t)^2), d the centre distance.
-    1 at d = 0; about 0.53 at 1 m, 0.29 at 2 m, 0.10 at 4 m.
-
-    Args:
-        pred_xy, gt_xy: [M, 2] centres in metres. Returns: [M], no gradient.
-    """
-    d = (pred_xy.detach().float() - gt_xy.float()).norm(dim=-1)
-    t = d.new_tensor(MATCH_THRESHOLDS)
-    return torch.exp(-((d[:, None] / t) ** 2)).mean(-1)
-
-
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Summed sigmoid focal loss. target is shaped like logits with values in [0, 1]: 0 marks a
-    negative; a positive may be soft (its quality), and then the modulating factor is
-    |target - p|^gamma and the cross-entropy is taken against the soft target (the quality focal
-    loss of Generalized Focal Loss). For {0, 1} targets both reduce to the usual focal loss."""
+    """Sigmoid focal loss, [..., C] logits against {0, 1} targets of the same shape, not reduced."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    positive = target > 0
-    weight = torch.where(positive, alpha, 1 - alpha)
-    return (weight * (target - p).abs().pow(gamma) * ce).sum()
+    p_t = p * target + (1 - p) * (1 - target)
+    weight = alpha * target + (1 - alpha) * (1 - target)
+    return weight * (1 - p_t).pow(gamma) * ce
 
 
 def detection_loss(
@@ -124,40 +75,56 @@ def detection_loss(
     bbox_preds: Tensor,
     gt_labels: list[Tensor],
     gt_boxes: list[Tensor],
+    dn: DenoisingQueries | None = None,
     cfg: LossConfig = LossConfig(),
 ) -> tuple[Tensor, dict[str, float]]:
-    """Loss summed over decoder layers, each matched on its own.
+    """Loss summed over decoder layers.
 
     Args:
-        cls_scores: [L, B, Nq, C] logits. bbox_preds: [L, B, Nq, 10] box code.
+        cls_scores: [L, B, Nd + Nq, C] logits; bbox_preds: [L, B, Nd + Nq, 10] box code; the first
+            Nd queries are the denoising ones (Nd = 0 without `dn`).
         gt_labels: B tensors [M_b] of class indices. gt_boxes: B tensors [M_b, 10] box code.
+        dn: the batch's denoising queries, or None.
     Returns:
-        (total loss, {"cls": ..., "box": ...} of the last layer for logging).
+        (total loss, {"cls", "box", "dn_cls", "dn_box"} of the last layer, for logging).
     """
-    num_layers, batch, _, num_classes = cls_scores.shape
+    num_layers, batch, _, _ = cls_scores.shape
+    num_dn = 0 if dn is None else dn.labels.shape[1]
     num_targets = max(sum(int(t.numel()) for t in gt_labels), 1)
     code_weights = cls_scores.new_tensor(cfg.code_weights)
     total = cls_scores.new_zeros(())
-    log = {}
+    log: dict[str, float] = {}
     for layer in range(num_layers):
-        cls_loss = cls_scores.new_zeros(())
-        box_loss = cls_scores.new_zeros(())
+        logits_all, boxes_all = cls_scores[layer], bbox_preds[layer]
+        cls_loss, box_loss = cls_scores.new_zeros(()), cls_scores.new_zeros(())
         for b in range(batch):
-            logits, boxes = cls_scores[layer, b], bbox_preds[layer, b]
+            logits, boxes = logits_all[b, num_dn:], boxes_all[b, num_dn:]
             q_idx, t_idx = hungarian_match(logits, boxes, gt_labels[b], gt_boxes[b], cfg)
             target = torch.zeros_like(logits)
-            value = 1.0
-            if cfg.quality_focal:
-                # A floor keeps every matched query a positive, however far off its box is.
-                value = localisation_quality(boxes[q_idx, :2], gt_boxes[b][t_idx, :2]).clamp_min(1e-3).to(target.dtype)
-            target[q_idx, gt_labels[b][t_idx]] = value
-            cls_loss = cls_loss + sigmoid_focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
+            target[q_idx, gt_labels[b][t_idx]] = 1.0
+            cls_loss = cls_loss + sigmoid_focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma).sum()
             if q_idx.numel():
-                diff = (boxes[q_idx] - gt_boxes[b][t_idx]).abs() * code_weights
-                box_loss = box_loss + diff.sum()
+                box_loss = box_loss + ((boxes[q_idx] - gt_boxes[b][t_idx]).abs() * code_weights).sum()
         cls_loss = cfg.cls_weight * cls_loss / num_targets
         box_loss = cfg.box_weight * box_loss / num_targets
         total = total + cls_loss + box_loss
+        dn_cls = dn_box = cls_scores.new_zeros(())
+        if dn is not None:
+            logits, boxes = logits_all[:, :num_dn], boxes_all[:, :num_dn]  # (B, Nd, C), (B, Nd, 10)
+            positive = dn.labels >= 0  # (B, Nd)
+            num_positive = max(int(positive.sum()), 1)
+            target = torch.zeros_like(logits)
+            target[positive] = F.one_hot(dn.labels[positive], logits.shape[-1]).to(target.dtype)
+            focal = sigmoid_focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma).sum(-1)  # (B, Nd)
+            dn_cls = cfg.cls_weight * (focal * dn.valid).sum() / num_positive
+            diff = (boxes[positive] - dn.boxes[positive]).abs() * code_weights
+            dn_box = cfg.box_weight * diff.sum() / num_positive
+            total = total + dn_cls + dn_box
         if layer == num_layers - 1:
-            log = {"cls": float(cls_loss.detach()), "box": float(box_loss.detach())}
+            log = {
+                "cls": float(cls_loss.detach()),
+                "box": float(box_loss.detach()),
+                "dn_cls": float(dn_cls.detach()),
+                "dn_box": float(dn_box.detach()),
+            }
     return total, log

@@ -1,4 +1,4 @@
-"""Pictures of what tgGBC does: accuracy against decoder latency, and which keys survive where."""
+"""Pictures of the accuracy benchmark: mAP against the pruned fraction per method, and the keys kept."""
 
 from __future__ import annotations
 
@@ -8,42 +8,61 @@ import numpy as np
 
 from ..files import write_atomic
 
+# One colour per method, tgGBC first and strongest.
+_STYLE = {
+    "tggbc": ("tab:red", "o", "tgGBC"),
+    "attention": ("tab:orange", "s", "attention only"),
+    "merge": ("tab:purple", "D", "key merging (ToMe)"),
+    "random": ("tab:gray", "^", "random keys"),
+    "inverse": ("tab:blue", "v", "most important dropped"),
+}
 
-def _save_figure(fig, path: Path) -> None:
-    """Save atomically so a half-written PNG never replaces a good one."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
-
-def plot_accuracy_vs_latency(results, path: str | Path, title: str = "") -> Path:
-    """mAP and NDS of each setting against its median decoder latency.
-
-    Args:
-        results: SettingResult list (from tggbc.detector.evaluate), dense first.
-    """
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    latency = [r.decoder_ms for r in results]
-    for metric, marker in (("mAP", "o"), ("NDS", "s")):
-        values = [getattr(r, metric) for r in results]
-        ax.plot(latency, values, marker=marker, linestyle="-", label=metric)
-        for r, x, y in zip(results, latency, values, strict=True):
-            if metric == "mAP":
-                # Slanted labels: the pruned settings sit only a few milliseconds apart.
-                label = r.name.replace("tggbc-", "prune ")
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(2, 6), rotation=45, fontsize=8)
-    ax.set_xlabel("decoder latency per frame, ms (median, batch 1)")
-    ax.set_ylabel("nuScenes metric (synthetic val)")
-    ax.set_title(title or "tgGBC: accuracy against decoder latency")
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save atomically so a half-written PNG never replaces a good one."""
+    return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+
+
+def plot_accuracy_curve(results, path: str | Path, title: str = "") -> Path:
+    """mAP against the fraction of keys dropped after layer 1, one curve per method.
+
+    Args:
+        results: SettingResult list from `tggbc.detector.evaluate` (the dense one included).
+    The dense decoder is the horizontal line; shaded bands are the 95% intervals of each
+    method's mAP (dense mAP plus the interval of its difference from dense).
+    """
+    plt = _pyplot()
+    dense = next(r for r in results if r.method is None)
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    ax.axhline(dense.mAP, color="black", lw=1.2, label=f"dense ({dense.mAP:.3f})")
+    methods = [m for m in _STYLE if any(r.method == m for r in results)]
+    for method in methods:
+        rows = sorted((r for r in results if r.method == method), key=lambda r: r.fraction)
+        color, marker, label = _STYLE[method]
+        x = np.array([100 * r.fraction for r in rows])
+        y = np.array([r.mAP for r in rows])
+        ax.plot(x, y, color=color, marker=marker, lw=2.0 if method == "tggbc" else 1.3, label=label)
+        if all(r.mAP_diff is not None for r in rows):
+            low = [dense.mAP + r.mAP_diff.low for r in rows]
+            high = [dense.mAP + r.mAP_diff.high for r in rows]
+            ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
+    ax.set_xlabel("keys dropped after decoder layer 1 (%)")
+    ax.set_ylabel("mAP (nuScenes metric, synthetic val)")
+    ax.set_title(title or "Which keys to drop: tgGBC against its controls")
     ax.grid(alpha=0.3)
-    ax.legend()
-    path = Path(path)
-    _save_figure(fig, path)
+    ax.legend(fontsize=8, loc="lower left")
+    out = save_figure(fig, path)
     plt.close(fig)
-    return path
+    return out
 
 
 def plot_kept_keys(images: np.ndarray, kept: list, feature_shape: tuple[int, int], path: str | Path, title: str = ""):
@@ -55,10 +74,7 @@ def plot_kept_keys(images: np.ndarray, kept: list, feature_shape: tuple[int, int
             DecoderOutput.kept); keys are camera-major (camera, row, column).
         feature_shape: (h, w) of the feature map (keys per camera = h * w).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib import colormaps
 
     h, w = feature_shape
@@ -84,7 +100,6 @@ def plot_kept_keys(images: np.ndarray, kept: list, feature_shape: tuple[int, int
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(1, num_layers))
     fig.colorbar(sm, ax=axes, fraction=0.015, pad=0.01, label="decoder layers that saw the key")
     fig.suptitle(title or "Keys kept by tgGBC (bright: kept to the last layer; dark: dropped early)", fontsize=10)
-    path = Path(path)
-    _save_figure(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
-    return path
+    return out

@@ -1,7 +1,7 @@
-"""Saving and loading detector weights: safetensors with the config in the header.
+"""Saving and loading detector weights: safetensors, with the architecture in the header.
 
-Loading never unpickles anything, and refuses a file whose tensors do not match the model with
-a message that names the offending tensors.
+Loading never unpickles anything and refuses a file whose tensors do not match the architecture
+it declares, naming the offending tensors.
 """
 
 from __future__ import annotations
@@ -12,27 +12,27 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
-from .model import DetectorConfig, PETRDetector
+from .config import DetectorConfig
+from .model import Detector
 
-_FORMAT = "tggbc-petr-detector/1"
+FORMAT = "tggbc-detector/2"
 
 
-def save_detector(model: PETRDetector, path: str | Path, dtype: torch.dtype = torch.float16, extra: dict | None = None):
-    """Write the model's state dict (cast to `dtype`; float16 keeps the file small) atomically."""
+def save_detector(model: Detector, path: str | Path, dtype: torch.dtype = torch.float16, extra: dict | None = None):
+    """Write the model's state dict (floats cast to `dtype`; float16 halves the file) atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     tensors = {
         name: (t.to(dtype) if t.is_floating_point() else t).contiguous().cpu() for name, t in model.state_dict().items()
     }
-    metadata = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     if extra:
         metadata["extra"] = json.dumps(extra)
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The header metadata of a weights file (config, extra)."""
+def read_metadata(path: str | Path, any_format: bool = False) -> dict:
+    """The header metadata of a weights file; unless `any_format`, it must be a detector file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -43,16 +43,16 @@ def read_metadata(path: str | Path) -> dict:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if metadata.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a tggbc detector file (format {metadata.get('format')!r}, want {_FORMAT!r})")
+    if not any_format and metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tggbc detector file (format {metadata.get('format')!r}, want {FORMAT!r})")
     return metadata
 
 
-def read_tensors(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The header metadata and the tensors of a tggbc detector file, or a clear error."""
+def read_tensors(path: str | Path, any_format: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header metadata and the tensors of a weights file, or a clear error."""
     from safetensors.torch import load_file
 
-    metadata = read_metadata(path)
+    metadata = read_metadata(path, any_format)
     try:
         tensors = load_file(str(path))
     except Exception as e:
@@ -60,24 +60,22 @@ def read_tensors(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def shape_mismatches(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
-    """'name: file (shape) vs model (shape)' for every tensor both hold with different shapes, sorted."""
-    return sorted(
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Build the detector a weights file describes and load its tensors (as float32), in eval mode."""
+    metadata, tensors = read_tensors(path)
+    try:
+        config = DetectorConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its header holds no valid detector config ({e})") from e
+    model = Detector(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
         f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
         for name in set(expected) & set(tensors)
         if tensors[name].shape != expected[name].shape
     )
-
-
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> PETRDetector:
-    """Build the detector a weights file describes and load its tensors (as float32)."""
-    metadata, tensors = read_tensors(path)
-    config = DetectorConfig.from_dict(json.loads(metadata["config"]))
-    model = PETRDetector(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = shape_mismatches(tensors, expected)
     if missing or unexpected or wrong:
         parts = []
         if missing:
