@@ -77,7 +77,6 @@ def test_key_importance_rejects_integer_tensors():
         (1001, 2, [500, 501, 0, 0, 0, 0]),
         (3003, 3, [1000, 1000, 1003, 0, 0, 0]),
         (0, 3, [0, 0, 0, 0, 0, 0]),
-        (100, 0, [0, 0, 0, 0, 0, 0]),
         (7, 6, [0, 0, 0, 0, 0, 7]),  # p = 1 is odd -> 0 for layers 1..5, the rest on layer 6
     ],
 )
@@ -117,13 +116,20 @@ def test_prune_schedule_rejects_wrong_types():
         prune_schedule(True, 1, 6)
 
 
-@given(r=st.integers(0, 50000), n=st.integers(0, 6))
+@given(r=st.integers(0, 50000), n=st.integers(1, 6))
 def test_prune_schedule_sums_to_r(r, n):
     schedule = prune_schedule(r, n, 6)
     assert len(schedule) == 6 and all(x >= 0 for x in schedule)
-    assert sum(schedule) == (r if n > 0 else 0)
-    assert all(x == 0 for x in schedule[max(n, 0) :])
-    assert all(x % 2 == 0 for x in schedule[: max(n - 1, 0)])
+    assert sum(schedule) == r
+    assert all(x == 0 for x in schedule[n:])
+    assert all(x % 2 == 0 for x in schedule[: n - 1])
+
+
+def test_prune_schedule_refuses_a_budget_no_layer_spends():
+    assert prune_schedule(0, 0, 6) == [0] * 6  # nothing to drop, nowhere: fine
+    for r, n in ((10, 0), (0.5, 0), (10, -1), (0, -1)):
+        with pytest.raises(ValueError, match=f"n={n}"):
+            prune_schedule(r, n, 6, num_keys=100)
 
 
 # ---------------------------------------------------------------- select_keys

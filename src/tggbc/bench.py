@@ -204,7 +204,7 @@ def run_benchmark(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_arguments
+    from .cli import add_setting_arguments, add_threads_argument, device_argument, nonnegative_int, positive_int
 
     add_setting_arguments(parser)
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
@@ -217,14 +217,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", default=None, help="comma list (torch: dense,reference,fast; exported graphs: dense,tggbc)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu or cuda (cuda:1, ...)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--runs", type=int, default=10, help="timed rounds (each runs every method once)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed rounds first")
+    parser.add_argument("--runs", type=positive_int, default=10, help="timed rounds (each runs every method once)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -233,13 +234,12 @@ def run(args: argparse.Namespace) -> int:
         for name, p in DECODER_PRESETS.items():
             print(f"{name:<28} {p.kind:<11} {p.keys:>6} keys  r={p.r} n={p.n} k={p.k}  {p.note}")
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
-        raise ValueError(f"--json {args.json} exists and is not a file")
-    from .cli import preset_title, resolve_setting
+    from .cli import apply_threads, preset_title, resolve_setting
+    from .files import prepare_output_file
+
+    apply_threads(args)
+    if args.json:
+        prepare_output_file(args.json, args.force, what="--json")  # before minutes of benchmarking
 
     name, preset = resolve_setting(args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None

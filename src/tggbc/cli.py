@@ -32,6 +32,102 @@ def _available(module: str) -> bool:
         return False
 
 
+# ----------------------------------------------------------------- argument types
+# One parser per kind of value: argparse prefixes their messages with the option's name
+# ("argument --threads: must be an integer >= 1, got '0'") and exits with status 2.
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def float_between(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval from low to high (open ends as given)."""
+    import math
+
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def existing_file(text: str) -> str:
+    """argparse type: a path to a readable regular file."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"not a file: {text}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text}: permission denied")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """argparse type: a path to a directory."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return text
+
+
+def device_argument(text: str) -> str:
+    """argparse type: a torch device this machine has ('cpu', 'cuda', 'cuda:1')."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: tggbc runs on cpu or cuda")
+    return text
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: all)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op threads from --threads (validated by its type)."""
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def r_argument(text: str) -> int | float | list[int]:
     """argparse type of every --r: `tggbc.prune.parse_r`, its error as an argparse error."""
     from .prune import parse_r
@@ -54,7 +150,10 @@ def add_prune_arguments(
         help=f"keys to drop: a count, a fraction (0.875) or a per-layer list{'' if r is None else f' (default {r})'}",
     )
     parser.add_argument(
-        "--n", type=int, default=n, help=f"decoder layers that prune{'' if n is None else f' (default {n})'}"
+        "--n",
+        type=nonnegative_int,
+        default=n,
+        help=f"decoder layers that prune{'' if n is None else f' (default {n})'}",
     )
     parser.add_argument(
         "--k", type=int, default=k, help=k_help or f"top-k confident queries that vote, <= 0: all (default {k})"
@@ -70,8 +169,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", default=None, help=f"one of: {', '.join(DECODER_PRESETS)} (default streampetr-v2-99-1600x640)"
     )
     parser.add_argument("--kind", choices=DECODER_KINDS, default=None, help="host decoder")
-    parser.add_argument("--keys", type=int, default=None, help="image keys per sample (overrides the preset)")
-    parser.add_argument("--queries", type=int, default=None, help="learnable queries (default: the host's)")
+    parser.add_argument("--keys", type=positive_int, default=None, help="image keys per sample (overrides the preset)")
+    parser.add_argument("--queries", type=positive_int, default=None, help="learnable queries (default: the host's)")
     add_prune_arguments(
         parser, r=None, n=None, k=None, k_help="top-k voting queries, <= 0: all (default: the preset's)"
     )
@@ -89,8 +188,8 @@ def resolve_setting(args: argparse.Namespace):
         raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(DECODER_PRESETS)}")
     base = DECODER_PRESETS[args.preset or "streampetr-v2-99-1600x640"]
     preset = DecoderPreset(
-        kind=args.kind or base.kind,
-        keys=args.keys or base.keys,
+        kind=base.kind if args.kind is None else args.kind,
+        keys=base.keys if args.keys is None else args.keys,
         r=base.r if args.r is None else args.r,
         n=base.n if args.n is None else args.n,
         k=base.k if args.k is None else args.k,
@@ -104,8 +203,8 @@ def resolve_setting(args: argparse.Namespace):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prune_arguments(parser, r="0.875")
-    parser.add_argument("--keys", type=int, default=24000, help="keys the decoder starts with")
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers")
+    parser.add_argument("--keys", type=positive_int, default=24000, help="keys the decoder starts with")
+    parser.add_argument("--layers", type=positive_int, default=6, help="decoder layers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,8 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Exit status: 0 done, 2 bad input (one line on stderr naming it), 3 a
+    missing optional package, 130 interrupted (Ctrl-C)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("tggbc: interrupted", file=sys.stderr)
+        return 130
     if not hasattr(args, "_run"):
         parser.print_help()
         return 0
@@ -150,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        # Outputs are written atomically: an interrupted command leaves no half-written file.
+        print(f"tggbc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:
         # Bad settings and files are the user's to fix: one clear line, no traceback.
         print(f"tggbc {args.command}: error: {e}", file=sys.stderr)
         return 2

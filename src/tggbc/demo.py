@@ -29,14 +29,24 @@ DEMO_FRACTIONS = (0.5, 0.75, 0.875, 0.95, 0.99)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", default=str(SHIPPED), help="detector weights (default: the shipped)")
+    from .cli import add_threads_argument, existing_file, int_at_least, nonnegative_int
+
+    parser.add_argument(
+        "--weights", type=existing_file, default=str(SHIPPED), help="detector weights (default: the shipped)"
+    )
     parser.add_argument("--data", default="out/demo/val-data", help="validation dataroot (generated if missing)")
     parser.add_argument("--out", default="out/demo", help="directory for the JSON and pictures")
+    parser.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     parser.add_argument(
-        "--scenes", type=int, default=DEMO_SCENES, help=f"validation scenes to generate and score (of {VAL_SCENES})"
+        "--scenes",
+        type=int_at_least(1),
+        default=DEMO_SCENES,
+        help=f"validation scenes to generate and score, <= {VAL_SCENES} (default %(default)s)",
     )
-    parser.add_argument("--bench-runs", type=int, default=3, help="timed rounds at the published shape (0: skip)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--bench-runs", type=nonnegative_int, default=3, help="timed rounds at the published shape (0: skip)"
+    )
+    add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -75,7 +85,7 @@ def ensure_val_data(root: Path, image_size: tuple[int, int], num_scenes: int, pr
 
 def run(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
-    from .cli import preset_title
+    from .cli import apply_threads, preset_title
     from .data.frames import list_frames
     from .detector.evaluate import evaluate, format_results, settings_for, to_json
     from .detector.plots import plot_accuracy_curve, plot_kept_keys
@@ -85,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
     from .models.configs import DECODER_PRESETS
     from .pruner import METHODS, KeyPruner, pruning
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if not 1 <= args.scenes <= VAL_SCENES:
-        raise ValueError(f"--scenes must lie in [1, {VAL_SCENES}], got {args.scenes}")
+    apply_threads(args)
+    if args.scenes > VAL_SCENES:
+        raise ValueError(f"--scenes must be at most {VAL_SCENES} (the held-out validation scenes), got {args.scenes}")
     started = time.time()
-    out = prepare_output_dir(args.out, force=True, what="--out")  # the demo's own folder: rerunning replaces it
+    out = Path(args.out)
+    # A demo may replace what an earlier demo wrote, nothing else.
+    earlier_demo = (out / "demo.json").is_file()
+    out = prepare_output_dir(out, force=args.force or earlier_demo, what="--out")
     model = load_detector(args.weights)
     cfg = model.config
     print(

@@ -85,10 +85,33 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
     return write_atomic(path, write)
 
 
-def _check_writable(directory: Path, what: str, path: Path) -> None:
-    """Create `directory` if needed and prove a file can be made in it, or raise naming `what`."""
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Parsed JSON of `path`; a missing, unreadable or damaged file is an error naming it."""
+    path = Path(path)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is damaged: not valid JSON ({e})") from None
+
+
+def _check_writable(directory: Path, what: str, path: Path) -> None:
+    """Prove that files can be made in `directory` (or, if it does not exist yet, that it can be
+    created), or raise naming `what`. Leaves nothing behind but a killed run's removed leftovers."""
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a directory")
+    if existing != directory:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{what} {path}: cannot create it, {existing} is not writable")
+        return
+    try:  # the directory exists: make and remove a file, which also catches read-only file systems
         fd, probe = tempfile.mkstemp(dir=directory, prefix=temp_prefix())
         os.close(fd)
         os.unlink(probe)
@@ -100,8 +123,9 @@ def _check_writable(directory: Path, what: str, path: Path) -> None:
 def prepare_output_file(path: str | os.PathLike, force: bool, what: str) -> Path:
     """Check, before any long work, that the output file `path` may and can be written.
 
-    Refuses an existing file unless `force`, and anything that is not a regular file; creates
-    the parent directory. `what` names the option in errors (e.g. "--json").
+    Refuses an existing file unless `force`, and anything that is not a regular file. Creates
+    nothing: the file and its directories are made when it is written. `what` names the option
+    in errors (e.g. "--json").
     """
     path = Path(path)
     if path.exists() or path.is_symlink():

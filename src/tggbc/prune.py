@@ -225,8 +225,11 @@ def prune_schedule(
             raise TypeError(f"n must be an int, got {n!r}")
         if n > num_layers:
             raise ValueError(f"n={n} pruning layers is more than num_layers={num_layers}")
+        if n < 0 or (n == 0 and total > 0):
+            # The reference silently prunes nothing here; a budget nobody spends is a mistake.
+            raise ValueError(f"n={n} layers cannot drop r={r} keys: use n >= 1 (or r=0 for no pruning)")
         schedule = [0] * num_layers
-        if total > 0 and n > 0:
+        if total > 0:
             per_layer = total // n
             if per_layer % 2 == 1:  # the reference keeps per-layer counts even
                 per_layer -= 1

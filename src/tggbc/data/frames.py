@@ -9,7 +9,6 @@ so training targets match what the detection eval compares against.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,22 +72,41 @@ class Frame:
     gt_visibility: np.ndarray
 
     def read_images(self) -> np.ndarray:
-        """Read the six images from disk: [6, H, W, 3] uint8 RGB (also stored in `images`)."""
-        import cv2
+        """Read the six images from disk: [6, H, W, 3] uint8 RGB (also stored in `images`).
 
-        images = []
-        for path in self.image_paths:
-            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise FileNotFoundError(f"cannot read image {path}")
-            images.append(bgr[..., ::-1])
+        A missing, truncated or undecodable image, or one of another size than the first, is an
+        error naming the file (a truncated JPEG would otherwise decode as grey, with a warning only).
+        """
+        images = [read_jpeg(path) for path in self.image_paths]
+        for path, image in zip(self.image_paths, images, strict=True):
+            if image.shape != images[0].shape:
+                raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]}, the frame's others "
+                                 f"{images[0].shape[1]}x{images[0].shape[0]}")  # fmt: skip
         self.images = np.stack(images)
         return self.images
 
 
+def read_jpeg(path: str) -> np.ndarray:
+    """One JPEG as [H, W, 3] uint8 RGB, or an error naming the file if it is missing or damaged."""
+    import cv2
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} is missing") from None
+    # A JPEG opens with SOI (FF D8) and closes with EOI (FF D9): a cut file lacks the end.
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise ValueError(f"image {path} is damaged: not a complete JPEG ({len(data)} bytes)")
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"image {path} is damaged: it does not decode")
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
 def _load_table(table_dir: Path, name: str) -> list[dict]:
-    with open(table_dir / f"{name}.json") as file:
-        return json.load(file)
+    from tggbc.files import read_json
+
+    return read_json(table_dir / f"{name}.json", what="nuScenes table")
 
 
 def _velocity(annotation: dict, annotations: dict, sample_time: dict) -> np.ndarray:

@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from tggbc.data.rig import CameraRig
 from tggbc.data.splits import META_FILENAME, SPLITS_FILENAME, VERSION, scene_names_for
 from tggbc.data.tables import MAP_FILENAME, TABLE_NAMES, static_tables, write_tables
 from tggbc.data.writer import SceneJob, write_scene
+from tggbc.files import clean_stale_temporaries, temp_prefix
 
 FORMAT_VERSION = 1
 
@@ -49,6 +49,19 @@ def _write_map_mask(root: Path) -> None:
     cv2.imwrite(str(path), np.full((8, 8), 255, dtype=np.uint8))
 
 
+def _worker_init() -> None:
+    """In each worker: die with the parent (Linux), and leave Ctrl-C to the parent, which stops them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's terminate() on interrupt still stops them
+
+
 def _run_jobs(jobs: list[SceneJob], root: Path, workers: int, progress: bool) -> list[dict]:
     """Generate all scenes (in worker processes if workers > 1); results come back in job order."""
     from tqdm import tqdm
@@ -64,14 +77,24 @@ def _run_jobs(jobs: list[SceneJob], root: Path, workers: int, progress: bool) ->
             # fork where available (as torch's DataLoader does): workers start instantly and callers need no
             # `if __name__ == "__main__"` guard. Workers only use numpy and OpenCV, never the caller's threads.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for job, result in zip(jobs, pool.map(write_scene, jobs, [root] * len(jobs)), strict=True):
+            pool = multiprocessing.get_context(method).Pool(workers, initializer=_worker_init)
+            try:
+                for job, result in zip(jobs, pool.imap(_write_scene_job, [(job, root) for job in jobs]), strict=True):
                     results.append(result)
                     bar.update(job.num_frames)
+                pool.close()
+            except BaseException:
+                pool.terminate()  # Ctrl-C or an error: no worker outlives the command
+                raise
+            finally:
+                pool.join()
     finally:
         bar.close()
     return results
+
+
+def _write_scene_job(args: tuple[SceneJob, Path]) -> dict:
+    return write_scene(*args)
 
 
 def generate(
@@ -105,11 +128,19 @@ def generate(
     """
     out = Path(out_dir).resolve()
     if out.exists() and not force:
-        raise FileExistsError(f"output directory already exists: {out} (use force=True / --force to replace it)")
+        raise FileExistsError(f"output directory already exists: {out} (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a dataroot: choose another --out")
+    for name, value in (("num_scenes", num_scenes), ("seed", seed), ("frames_per_scene", frames_per_scene),
+                        ("workers", workers), ("jpeg_quality", jpeg_quality)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if frames_per_scene < 2:
         raise ValueError(
             f"frames_per_scene must be >= 2 (the eval estimates velocity from neighbours), got {frames_per_scene}"
@@ -125,7 +156,8 @@ def generate(
     ]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temporaries(out.parent)  # what a killed run left behind
+    staging = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}{out.name}-", dir=out.parent))
     try:
         scene_tables = _run_jobs(jobs, staging, workers, progress)
         tables = static_tables(rig, [records["log"][0]["token"] for records in scene_tables])
@@ -161,7 +193,7 @@ def generate(
 def _replace_directory(staging: Path, out: Path) -> None:
     """Move `staging` to `out`, replacing an existing `out` with as short a gap as two renames."""
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}{out.name}-old-", dir=out.parent))
         out.rename(trash / out.name)
         staging.rename(out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -18,7 +18,6 @@ The split is also written explicitly to <dataroot>/<version>/splits.json ({"trai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 VERSION = "v1.0-trainval"
@@ -57,16 +56,25 @@ def scene_names_for(split: str, count: int) -> list[str]:
 
 def read_meta(dataroot: str | Path) -> dict:
     """The generator's metadata (<dataroot>/synth_meta.json): seed, image size, version, class names, ..."""
+    from tggbc.files import read_json
+
     path = Path(dataroot) / META_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {dataroot} is not a dataset written by tggbc.data.generate")
-    with open(path) as file:
-        return json.load(file)
+        raise FileNotFoundError(f"{path} not found: {dataroot} is not a dataset written by `tggbc data synth`")
+    meta = read_json(path, what="dataset metadata")
+    missing = [k for k in ("version", "image_size", "seed") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"dataset metadata {path} is damaged: it lacks {missing}")
+    return meta
 
 
 def split_scenes(dataroot: str | Path) -> dict[str, list[str]]:
     """Scene names of each split of a generated dataset: {"train": [...], "val": [...]}."""
+    from tggbc.files import read_json
+
     version = read_meta(dataroot)["version"]
-    with open(Path(dataroot) / version / SPLITS_FILENAME) as file:
-        splits = json.load(file)
+    path = Path(dataroot) / version / SPLITS_FILENAME
+    splits = read_json(path, what="split list")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(name), list) for name in SPLIT_NAMES):
+        raise ValueError(f"split list {path} is damaged: it needs lists {list(SPLIT_NAMES)}")
     return {name: list(splits[name]) for name in SPLIT_NAMES}

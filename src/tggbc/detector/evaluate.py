@@ -101,9 +101,14 @@ def frame_boxes(model: Detector, cls_scores, bbox_preds, frame, lidar2global, de
     (det,) = model.detections(cls_scores, bbox_preds, decode)
     return submission_boxes(
         frame.sample_token,
-        *(t.numpy() for t in (det.center, det.size, det.yaw, det.velocity, det.score, det.label)),
+        *(t.cpu().numpy() for t in (det.center, det.size, det.yaw, det.velocity, det.score, det.label)),
         lidar2global,
     )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -133,11 +138,14 @@ def run_settings(
     model.eval()
     for frame in iterator:
         images, lidar2img, lidar2global = frame_inputs(frame)
-        keys = model.keys(model.features(images), lidar2img)
+        device = model.mean.device
+        keys = model.keys(model.features(images.to(device)), lidar2img.to(device))
         for s in settings:
             with pruning(model.decoder, pruners[s.name]):
+                _synchronize(device)
                 start = time.perf_counter()
                 out = model.decode(keys)
+                _synchronize(device)
                 times[s.name].append((time.perf_counter() - start) * 1e3)
             keys_seen[s.name] = out.keys_per_layer
             boxes = frame_boxes(model, out.cls_scores[-1], out.bbox_preds[-1], frame, lidar2global, decode)
@@ -256,11 +264,25 @@ def evaluate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_prune_arguments
+    from ..cli import (
+        add_prune_arguments,
+        add_threads_argument,
+        device_argument,
+        existing_dir,
+        existing_file,
+        int_at_least,
+        nonnegative_int,
+    )
 
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataroot written by `tggbc data synth`")
     parser.add_argument(
-        "--weights", default=str(SHIPPED), metavar="FILE", help="detector weights (default: the shipped)"
+        "--data", required=True, type=existing_dir, metavar="DIR", help="dataroot written by `tggbc data synth`"
+    )
+    parser.add_argument(
+        "--weights",
+        type=existing_file,
+        default=str(SHIPPED),
+        metavar="FILE",
+        help="detector weights (default: shipped)",
     )
     parser.add_argument(
         "--methods",
@@ -272,48 +294,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_prune_arguments(parser, r=None, n=1, k=None, k_help="voting queries (default: 175/900 of the queries)")
     parser.add_argument("--split", choices=("val", "train"), default="val", help="frames to score (default val)")
-    parser.add_argument(
-        "--out", default="out/eval", metavar="DIR", help="results.json and submissions (default %(default)s)"
-    )
+    parser.add_argument("--out", default="out/eval", metavar="DIR", help="results.json (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
-    parser.add_argument("--resamples", type=int, default=200, help="scene resamples for the intervals (0: none)")
-    parser.add_argument("--max-detections", type=int, default=None, metavar="M", help="boxes per frame (default 300)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--resamples", type=nonnegative_int, default=200, help="scene resamples for the intervals (0: none)"
+    )
+    parser.add_argument(
+        "--max-detections",
+        type=int_at_least(1),
+        default=None,
+        metavar="M",
+        help="boxes per frame, <= 500 (default 300)",
+    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random control and resamples (default 0)")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu or cuda (default cpu)")
+    add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import apply_threads
     from ..files import prepare_output_dir, write_json_atomic
     from .weights import load_detector
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    out = prepare_output_dir(args.out, args.force, what="--out")
-    model = load_detector(args.weights)
+    apply_threads(args)
     decode = DecodeConfig() if args.max_detections is None else DecodeConfig(max_detections=args.max_detections)
+    methods = parse_methods(args.methods)
+    fractions = None if args.r is not None else parse_fractions(args.fractions)
+    out = prepare_output_dir(args.out, args.force, what="--out")
+    model = load_detector(args.weights, device=args.device)
     k = model.config.default_k if args.k is None else args.k
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.r is not None:
-        settings = [Setting(DENSE)] + [Setting(f"{m}", m, r=args.r, n=args.n, k=k) for m in methods]
+        settings = [Setting(DENSE)] + [Setting(m, m, r=args.r, n=args.n, k=k) for m in methods]
     else:
-        settings = settings_for(methods, parse_fractions(args.fractions), k, n=args.n)
+        settings = settings_for(methods, fractions, k, n=args.n)
     for s in settings:  # an impossible setting fails before the long loop
         if s.method is not None:
             s.pruner().reset(model.config.num_keys, model.config.num_layers)
     results = evaluate(model, args.data, settings, split=args.split, decode=decode, resamples=args.resamples,
-                       progress=not args.quiet)  # fmt: skip
+                       seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(format_results(results))
     payload = {
         "weights": str(args.weights),
         "data": str(args.data),
         "split": args.split,
         "resamples": args.resamples,
+        "seed": args.seed,
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "results": to_json(results),
     }
     write_json_atomic(out / "results.json", payload)
     print(f"wrote {out / 'results.json'}")
     return 0
+
+
+def parse_methods(text: str) -> list[str]:
+    """'tggbc,random' -> ['tggbc', 'random']; unknown or repeated names are a ValueError naming them."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods must be a comma list of distinct names from {', '.join(METHODS)}, got {text!r}")
+    return methods
 
 
 def parse_fractions(text: str) -> list[float]:

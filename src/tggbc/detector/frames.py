@@ -64,8 +64,8 @@ def compute_features(model: Detector, frames: Sequence, out: np.ndarray, batch: 
     model.eval()
     for start in range(0, len(frames), batch):
         chunk = frames[start : start + batch]
-        images = torch.stack([images_of(f) for f in chunk])
-        out[start : start + len(chunk)] = model.features(images).half().numpy()
+        images = torch.stack([images_of(f) for f in chunk]).to(model.mean.device)
+        out[start : start + len(chunk)] = model.features(images).half().cpu().numpy()
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

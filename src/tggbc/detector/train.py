@@ -140,6 +140,7 @@ def train(
     config: DetectorConfig = DetectorConfig(),
     resume: bool = False,
     minutes: float | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Path:
     """Train; returns the path of the weights written at the end. See the module docstring.
@@ -178,10 +179,12 @@ def train(
     else:
         model.load_state_dict(state["model"])
     model.backbone.requires_grad_(False).eval()  # frozen: its features are cached
+    device = torch.device(device)
+    model.to(device)
     frames = TrainingFrames(model, [str(d) for d in data], progress=progress)
 
     # Denoising queries start from one learned content vector; it is training-only state.
-    dn_content = torch.nn.Parameter(torch.zeros(config.embed_dims))
+    dn_content = torch.nn.Parameter(torch.zeros(config.embed_dims, device=device))
     params = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.AdamW([*params, dn_content], lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -193,6 +196,7 @@ def train(
         start = state["iteration"]
         print(f"resumed from {checkpoint_path} at iteration {start}")
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or init files leave no empty run behind
     log_path = out / LOG_NAME
     if state is None:
         log_path.write_text("iteration,seconds,lr,loss,cls,box,dn_cls,dn_box\n")
@@ -228,6 +232,8 @@ def train(
                 break
             index = torch.randint(len(frames), (cfg.batch,), generator=generator).tolist()
             features, lidar2img, labels, boxes = frames.batch(index)
+            features, lidar2img = features.to(device), lidar2img.to(device)
+            labels, boxes = [t.to(device) for t in labels], [t.to(device) for t in boxes]
             dn = denoising_queries(labels, boxes, dn_content, config.num_queries, pc_range, cfg, generator)
             lr = learning_rate(iteration, cfg)
             for group in optimizer.param_groups:
@@ -265,38 +271,64 @@ def train(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import (
+        add_threads_argument,
+        device_argument,
+        existing_dir,
+        existing_file,
+        float_between,
+        nonnegative_int,
+        positive_int,
+    )
+
     defaults = TrainConfig()
     parser.add_argument(
         "--data",
         required=True,
         nargs="+",
+        type=existing_dir,
         metavar="DIR",
-        help="dataroots written by `tggbc data synth`; train frames pooled",
+        help="dataroots written by `tggbc data synth`; their train frames are pooled",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory (new, or with --resume its own)")
-    parser.add_argument("--iterations", type=int, default=None, help=f"optimiser steps (default {defaults.iterations})")
-    parser.add_argument("--batch", type=int, default=None, help=f"frames per step (default {defaults.batch})")
-    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {defaults.lr})")
     parser.add_argument(
-        "--seed", type=int, default=None, help=f"data order and initialisation (default {defaults.seed})"
+        "--iterations", type=positive_int, default=None, help=f"optimiser steps (default {defaults.iterations})"
+    )
+    parser.add_argument("--batch", type=positive_int, default=None, help=f"frames per step (default {defaults.batch})")
+    parser.add_argument(
+        "--lr",
+        type=float_between(0, 1, low_open=True),
+        default=None,
+        help=f"peak learning rate (default {defaults.lr})",
+    )
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=None, help=f"data order and initialisation (default {defaults.seed})"
     )
     parser.add_argument(
         "--init",
+        type=existing_file,
         default=str(PRETRAINED),
         metavar="FILE",
         help="pretrained tensors (backbone, position embedding, decoder layers); default: the shipped pretrained file",
     )
     parser.add_argument("--resume", action="store_true", help="continue OUT's run with the recipe it stored")
-    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly, checkpoint written, after this time")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--minutes",
+        type=float_between(0, 1e6, low_open=True),
+        default=None,
+        help="stop cleanly, checkpoint written, after this wall time",
+    )
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu or cuda (default cpu)")
+    add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    from ..cli import apply_threads
+
+    apply_threads(args)
     given = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "seed") if getattr(args, k) is not None}
     weights = train(args.data, args.out, overrides=given, init=args.init, resume=args.resume, minutes=args.minutes,
-                    progress=not args.quiet)  # fmt: skip
+                    device=args.device, progress=not args.quiet)  # fmt: skip
     print(f"weights: {weights}")
     return 0

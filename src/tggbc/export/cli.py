@@ -22,21 +22,23 @@ FP32_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_setting_arguments
+    from ..cli import add_setting_arguments, add_threads_argument, existing_file, nonnegative_int, positive_int
 
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     add_setting_arguments(parser)
     parser.add_argument(
         "--weights",
+        type=existing_file,
         default=None,
         metavar="FILE",
         help="a small-detector weights file from `tggbc train`: export its trained decoder (keys from its config)",
     )
     parser.add_argument("--dense", action="store_true", help="export without tgGBC (r = 0)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size the graph is built for")
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size the graph is built for")
     parser.add_argument("--padded", action="store_true", help="add a key_padding_mask input")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset, 18 or newer (default 20)")
     parser.add_argument("--all-layers", action="store_true", help="output every layer's predictions")
     parser.add_argument("--kept-keys", action="store_true", help="also output the kept key indices")
     parser.add_argument(
@@ -46,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="graph clean-up: constant folding and dead nodes (light), plus onnxscript's rewrites (full), or none",
     )
     parser.add_argument("--no-compare", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
-    parser.add_argument("--seed", type=int, default=0, help="random weights (presets) and check inputs")
+    add_threads_argument(parser)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random weights (presets) and check inputs")
     parser.add_argument("--verbose", action="store_true", help="show the exporter's messages")
 
 
@@ -80,18 +82,15 @@ def load_detector_decoder(path: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import resolve_setting
+    from ..cli import apply_threads, resolve_setting
+    from ..files import prepare_output_file
     from ..models import build_decoder
     from .onnx import DEFAULT_OPSET, compare_onnx, export_onnx
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out {args.out}: give a file name ending in .onnx")
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a directory")
+    prepare_output_file(args.out, args.force, what="--out")
     if args.weights is not None:
         if args.preset is not None or args.kind is not None:
             raise ValueError("--weights exports the detector's own decoder: drop --preset / --kind")

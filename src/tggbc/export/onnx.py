@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..files import write_atomic
 from ..models import example_inputs
 from ..models.decoder import PETRFamilyDecoder
 from ..pruner import KeyPruner
@@ -52,6 +53,7 @@ __all__ = [
 
 # ONNX Runtime and OpenVINO both run opset 20 in full; newer opsets add nothing these graphs use.
 DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the oldest torch.onnx.export(dynamo=True) writes
 EXPORT_EXTRA = "pip install 'tggbc[export]'"
 OPTIMIZE_LEVELS = ("light", "full", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -167,6 +169,12 @@ def export_onnx(
     exported = ExportedDecoder(decoder, r, n, k, num_keys=num_keys, **layout)
     onnx = require("onnx")
     require("onnxscript", purpose="torch's ONNX exporter (dynamo=True)")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(
+            f"opset must be an int in [{MIN_OPSET}, {newest}] (torch's exporter writes opset {MIN_OPSET} or newer; "
+            f"this onnx knows up to {newest}), got {opset!r}"
+        )
 
     torch_dtype = DTYPES[dtype]
     copied = copy.deepcopy(decoder).eval().requires_grad_(False).to(torch_dtype)
@@ -205,15 +213,10 @@ def export_onnx(
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model, full_check=True)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"  # never leave a half-written graph under the real name
-    try:
-        onnx.save(model, partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ValueError(f"asked for opset {opset}, but the exporter wrote opset {written}: pass --opset {written}")
+    path = os.fspath(write_atomic(path, lambda tmp: onnx.save(model, tmp)))  # never a half-written graph
     seconds = time.perf_counter() - start
     return ExportResult(
         path=path,
