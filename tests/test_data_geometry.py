@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
@@ -110,15 +109,15 @@ def test_cli_import_is_light():
 
 def test_cli_synth_writes_and_refuses_to_overwrite(tmp_path, capsys):
     pytest.importorskip("nuscenes", reason="generation names scenes after the devkit's official splits")
-    from tggbc.data import cli
+    from tggbc.cli import main
 
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
     out = tmp_path / "synth"
-    argv = ["synth", "--out", str(out), "--scenes", "1", "--frames", "2", "--width", "64", "--height", "32"]
+    argv = ["data", "synth", "--out", str(out), "--scenes", "1", "--frames", "2", "--width", "64", "--height", "32"]
     argv += ["--val-fraction", "0", "--quiet"]
-    assert cli.run(parser.parse_args(argv)) == 0
-    assert (out / "v1.0-trainval" / "scene.json").is_file()
-    assert cli.run(parser.parse_args(argv)) == 1
-    assert str(out) in capsys.readouterr().err
-    assert cli.run(parser.parse_args([*argv, "--force"])) == 0
+    assert main(argv) == 0
+    scene_table = (out / "v1.0-trainval" / "scene.json").read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--force" in err
+    assert (out / "v1.0-trainval" / "scene.json").read_bytes() == scene_table
+    assert main([*argv, "--force"]) == 0

@@ -11,7 +11,7 @@ pytest.importorskip("nuscenes", reason="scoring loads and filters boxes with nus
 
 from tggbc.data import generate, list_frames  # noqa: E402
 from tggbc.nuscenes.scoring import GroundTruth, match, metrics, scene_resamples  # noqa: E402
-from tggbc.nuscenes.submission import SUBMISSION_META, _yaw_quaternion, submission_boxes  # noqa: E402
+from tggbc.nuscenes.submission import SUBMISSION_META, submission_boxes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,3 @@ def test_missing_sample_is_refused(dataset, gt):
     results.pop(next(iter(results)))
     with pytest.raises(ValueError, match="1 missing"):
         match(gt, results)
-
-
-def test_yaw_quaternion_matches_pyquaternion():
-    from pyquaternion import Quaternion
-
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        q = Quaternion(rng.normal(size=4)).normalised
-        expected = q.elements if q.elements[0] >= 0 else -q.elements
-        assert np.allclose(_yaw_quaternion(q.rotation_matrix), expected, atol=1e-9)

@@ -200,6 +200,10 @@ def train(
     log_path = out / LOG_NAME
     if state is None:
         log_path.write_text("iteration,seconds,lr,loss,cls,box,dn_cls,dn_box\n")
+    elif log_path.is_file():  # drop the rows a killed run logged after its last checkpoint
+        header, *rows = log_path.read_text().splitlines()
+        kept = [row for row in rows if row.split(",", 1)[0].isdigit() and int(row.split(",", 1)[0]) <= start]
+        write_atomic(log_path, lambda tmp: Path(tmp).write_text("\n".join([header, *kept]) + "\n"))
 
     def save(iteration: int) -> None:
         payload = {

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..files import write_atomic
 from ..models import example_inputs
 from ..models.decoder import PETRFamilyDecoder
-from ..pruner import KeyPruner
+from ..pruner import KeyPruner, pruning
 from .static import ExportedDecoder, example_queries
 
 __all__ = [
@@ -417,16 +417,14 @@ def torch_outputs(
     layout = ExportedDecoder(
         decoder, r, n, k, num_keys=num_keys, padded=padded, queries=queries, all_layers=all_layers, kept_keys=kept_keys
     )
-    saved = decoder.pruner, decoder.attention, decoder.training
-    decoder.pruner = KeyPruner(r=r, n=n, k=k) if layout.pruner is not None else None
-    decoder.attention = "fast"
+    pruner = KeyPruner(r=r, n=n, k=k) if layout.pruner is not None else None
+    training = decoder.training
     decoder.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), pruning(decoder, pruner, attention="fast"):
             out = decoder(**inputs, track_keys=kept_keys)
     finally:
-        decoder.pruner, decoder.attention = saved[:2]
-        decoder.train(saved[2])
+        decoder.train(training)
     return layout.output_names, layout.flatten_outputs(out)
 
 

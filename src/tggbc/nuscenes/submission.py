@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.classes import DETECTION_CLASSES
+from ..data.transforms import matrix_to_quaternion
 
 # The submission header of a camera-only method.
 SUBMISSION_META = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
@@ -31,27 +32,6 @@ def attribute_name(label: str, speed: float) -> str:
         return ""
     moving, still = _ATTRIBUTES[label]
     return moving if speed > 0.2 else still
-
-
-def _yaw_quaternion(rotation: np.ndarray) -> list[float]:
-    """(w, x, y, z) of a rotation matrix [3, 3] (Shepperd's method, w >= 0)."""
-    m = rotation
-    trace = m[0, 0] + m[1, 1] + m[2, 2]
-    if trace > 0:
-        s = 2.0 * np.sqrt(trace + 1.0)
-        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
-        q = [(m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
-    elif m[1, 1] > m[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
-        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s]
-    else:
-        s = 2.0 * np.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
-        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s]
-    q = np.asarray(q)
-    q = q if q[0] >= 0 else -q
-    return (q / np.linalg.norm(q)).tolist()
 
 
 def submission_boxes(
@@ -84,7 +64,7 @@ def submission_boxes(
                 "sample_token": sample_token,
                 "translation": center[i].tolist(),
                 "size": np.asarray(size[i], dtype=np.float64).tolist(),
-                "rotation": _yaw_quaternion(box_rotation),
+                "rotation": matrix_to_quaternion(box_rotation),
                 "velocity": velocity[i, :2].tolist(),
                 "detection_name": name,
                 "detection_score": float(score[i]),
