@@ -18,6 +18,8 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxrunt
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install 'tggbc[export]')")
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install 'tggbc[export]')")
 
+pytestmark = pytest.mark.slow  # ONNX exports take seconds each
+
 TINY = dict(embed_dims=32, num_heads=4, ffn_dims=64, num_layers=3, num_queries=20)
 STREAM = dict(memory_len=16, num_propagated=4, topk_proposals=4)
 KEYS = 96

@@ -10,6 +10,8 @@ pytest.importorskip("onnxruntime", reason="needs onnxruntime (tggbc[export])")
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (tggbc[export])")
 pytest.importorskip("nuscenes", reason="generating the val scenes needs nuscenes-devkit (tggbc[eval])")
 
+pytestmark = pytest.mark.slow  # ONNX exports take seconds each
+
 from tggbc import KeyPruner, pruning  # noqa: E402
 from tggbc.demo import VAL_FRAMES, VAL_SEED  # noqa: E402
 from tggbc.detector.config import DecodeConfig  # noqa: E402
