@@ -9,62 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from original_tables import cpfpn, resnet50, vovnet99
 from tggbc.models.necks import CPFPN
 from tggbc.models.resnet import ResNet
 from tggbc.models.vovnet import VoVNet
-
-BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def bn_entries(name, channels):
-    return {f"{name}.{s}": (() if s == "num_batches_tracked" else (channels,)) for s in BN}
-
-
-def expected_resnet50():
-    """mmdet ResNet(depth=50): stem conv1/bn1, layer1..4 of 3/4/6/3 Bottlenecks, downsample in block 0."""
-    names = {"conv1.weight": (64, 3, 7, 7), **bn_entries("bn1", 64)}
-    inplanes = 64
-    for stage, blocks in enumerate((3, 4, 6, 3)):
-        planes = 64 * 2**stage
-        for j in range(blocks):
-            p = f"layer{stage + 1}.{j}"
-            names[f"{p}.conv1.weight"] = (planes, inplanes if j == 0 else planes * 4, 1, 1)
-            names[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-            names[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-            for k, c in ((1, planes), (2, planes), (3, planes * 4)):
-                names.update(bn_entries(f"{p}.bn{k}", c))
-            if j == 0:
-                names[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                names.update(bn_entries(f"{p}.downsample.1", planes * 4))
-        inplanes = planes * 4
-    return names
-
-
-def expected_vovnet99():
-    """StreamPETR's VoVNet(CP) 'V-99-eSE': stem_1..3, stages 2-5 with 1/3/9/3 OSA blocks of 5 layers."""
-    names = {}
-
-    def conv_bn(prefix, cout, cin, k):
-        names[f"{prefix}/conv.weight"] = (cout, cin, k, k)
-        names.update(bn_entries(f"{prefix}/norm", cout))
-
-    conv_bn("stem.stem_1", 64, 3, 3)
-    conv_bn("stem.stem_2", 64, 64, 3)
-    conv_bn("stem.stem_3", 128, 64, 3)
-    conv_ch, out_ch, blocks = (128, 160, 192, 224), (256, 512, 768, 1024), (1, 3, 9, 3)
-    in_ch = 128
-    for s in range(4):
-        for b in range(blocks[s]):
-            name = f"OSA{s + 2}_{b + 1}"
-            prefix = f"stage{s + 2}.{name}"
-            cin = in_ch if b == 0 else out_ch[s]
-            for layer in range(5):
-                conv_bn(f"{prefix}.layers.{layer}.{name}_{layer}", conv_ch[s], cin if layer == 0 else conv_ch[s], 3)
-            conv_bn(f"{prefix}.concat.{name}_concat", out_ch[s], cin + 5 * conv_ch[s], 1)
-            names[f"{prefix}.ese.fc.weight"] = (out_ch[s], out_ch[s], 1, 1)
-            names[f"{prefix}.ese.fc.bias"] = (out_ch[s],)
-        in_ch = out_ch[s]
-    return names
 
 
 def shapes(module):
@@ -148,7 +96,7 @@ def vovnet_reference(sd, x):
 
 
 def test_resnet50_has_the_mmdet_names_and_shapes():
-    assert shapes(ResNet(50, out_indices=(2, 3))) == expected_resnet50()
+    assert shapes(ResNet(50, out_indices=(2, 3))) == resnet50()
 
 
 @pytest.mark.parametrize("style", ["pytorch", "caffe"])
@@ -183,7 +131,7 @@ def test_norm_eval_keeps_batchnorm_statistics_frozen():
 
 
 def test_vovnet99_has_the_original_names_and_shapes():
-    assert shapes(VoVNet("V-99-eSE", out_features=("stage4", "stage5"))) == expected_vovnet99()
+    assert shapes(VoVNet("V-99-eSE", out_features=("stage4", "stage5"))) == vovnet99()
 
 
 def test_vovnet99_equals_the_functional_reference():
@@ -200,14 +148,7 @@ def test_vovnet99_equals_the_functional_reference():
 
 def test_cpfpn_names_and_semantics():
     neck = randomize(CPFPN([12, 20], 8, num_outs=2))
-    assert shapes(neck) == {
-        "lateral_convs.0.conv.weight": (8, 12, 1, 1),
-        "lateral_convs.0.conv.bias": (8,),
-        "lateral_convs.1.conv.weight": (8, 20, 1, 1),
-        "lateral_convs.1.conv.bias": (8,),
-        "fpn_convs.0.conv.weight": (8, 8, 3, 3),
-        "fpn_convs.0.conv.bias": (8,),
-    }
+    assert shapes(neck) == cpfpn([12, 20], 8)
     g = torch.Generator().manual_seed(6)
     fine, coarse = torch.randn(2, 12, 5, 7, generator=g), torch.randn(2, 20, 3, 4, generator=g)
     sd = neck.state_dict()

@@ -196,8 +196,13 @@ def test_legacy_names_and_bare_head_prefix():
 
 
 def test_unknown_names_are_reported():
-    converted = convert_petr_state_dict({"pts_bbox_head.something_new.weight": torch.zeros(1)})
+    converted = convert_petr_state_dict(
+        {"pts_bbox_head.something_new.weight": torch.zeros(1), "pts_bbox_head.input_proj.bias": torch.zeros(1)}
+    )
     assert converted.decoder == {} and list(converted.unused) == ["pts_bbox_head.something_new.weight"]
+    # A state dict of which nothing maps is an error, never an empty conversion.
+    with pytest.raises(ValueError, match="no tensor of the 1 .*something_new"):
+        convert_petr_state_dict({"pts_bbox_head.something_new.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="no counterpart"):
         to_petr_state_dict({"layers.0.extra.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="no checkpoint mapping"):
