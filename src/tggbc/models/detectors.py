@@ -37,7 +37,14 @@ from .resnet import ResNet
 from .state import TemporalState
 from .vovnet import VoVNet
 
-__all__ = ["PETRFamilyDetector", "DetectorOutput", "SceneStream", "build_detector", "default_pruner"]
+__all__ = [
+    "PETRFamilyDetector",
+    "DetectorOutput",
+    "SceneStream",
+    "build_detector",
+    "default_pruner",
+    "example_frame",
+]
 
 
 class DetectorOutput(NamedTuple):
@@ -332,3 +339,46 @@ class SceneStream:
         )
         self.state, self.scene_tokens = out.state, tokens
         return out
+
+
+def example_frame(
+    detector: PETRFamilyDetector,
+    batch: int = 1,
+    image_size: tuple[int, int] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Keyword arguments of one plausible random frame for `detector(**frame)` (benchmarks, smoke tests).
+
+    Six cameras 60 degrees apart looking outwards from 1.5 m, with a nuScenes-like field of view;
+    images ~ N(0, 1) (already normalised); for StreamPETR an ego pose ~1.6 km from the origin and a
+    nuScenes-sized timestamp.
+
+    Args:
+        image_size: (H, W), multiples of 32; None = the config's.
+    """
+    import math
+
+    h, w = image_size or detector.config.image_size
+    g = torch.Generator().manual_seed(seed)
+    focal = 0.8 * w  # ~64 degrees horizontal field of view, like nuScenes' front cameras
+    k = torch.tensor([[focal, 0, w / 2, 0], [0, focal, h / 2, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    axes = torch.tensor([[0.0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])  # lidar -> camera axes
+    lidar2img = torch.zeros(batch, 6, 4, 4)
+    for n in range(6):
+        yaw = 2 * math.pi * n / 6
+        lidar2cam = torch.eye(4)
+        lidar2cam[:2, :2] = torch.tensor([[math.cos(yaw), math.sin(yaw)], [-math.sin(yaw), math.cos(yaw)]])
+        lidar2cam[2, 3] = -1.5
+        lidar2img[:, n] = k @ axes @ lidar2cam
+    frame = {
+        "img": torch.randn(batch, 6, 3, h, w, generator=g).to(device),
+        "lidar2img": lidar2img.to(device),
+        "intrinsics": k.expand(batch, 6, 4, 4).clone().to(device),
+    }
+    if detector.temporal:
+        pose = torch.eye(4, dtype=torch.float64).repeat(batch, 1, 1)
+        pose[:, :3, 3] = torch.tensor([600.0, 1600.0, 0.0], dtype=torch.float64)
+        frame["ego_pose"] = pose.to(device)
+        frame["timestamp"] = torch.full((batch,), 1.5e9, dtype=torch.float64, device=device)
+    return frame
