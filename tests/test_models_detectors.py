@@ -111,7 +111,13 @@ def test_bare_head_and_dataparallel_prefix_map_everything():
     converted = ckpt.convert_streampetr_state_dict(head)
     assert len(converted.decoder) + len(converted.position) == len(head) - 5
     assert sorted(converted.unused) == ["code_weights", "coords_d", "match_costs", "pc_range", "position_range"]
+    # The bare transformer (head.transformer.state_dict(): 6 layers x 18 + post_norm = 110 tensors).
+    transformer = {k[len("transformer.") :]: v for k, v in head.items() if k.startswith("transformer.")}
+    assert len(transformer) == 110 and len(ckpt.convert_streampetr_state_dict(transformer).decoder) == 110
     model = build_detector("stream_petr_r50_flash_704_bs2_seq_24e")
+    partial = ckpt.convert_checkpoint(transformer, model)
+    assert len(partial.state_dict) == 110 and partial.unused == []
+    assert "pts_bbox_head.decoder.layers.5.cross_attn.out_proj.bias" in partial.state_dict
     full = ckpt.convert_checkpoint(head, model)
     assert full.unused == [] and all(not k.startswith("pts_bbox_head.") for k in full.missing)
     module = ckpt.convert_checkpoint({"module." + k: v for k, v in sd.items()}, model)

@@ -175,8 +175,11 @@ def _convert(state_dict: Mapping[str, Tensor], kind: str, prefix: str, legacy: b
     state_dict = _unwrap(state_dict)
     if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}  # DataParallel checkpoints
-    if prefix and not any(k.startswith(prefix) for k in state_dict) and _detector_layout(state_dict) == HEAD_PREFIX:
-        prefix = ""  # a bare head state dict (names start at transformer.): read it as the head
+    if prefix and not any(k.startswith(prefix) for k in state_dict):
+        layout = _detector_layout(state_dict)
+        if layout.startswith(HEAD_PREFIX):  # a bare head (transformer.*) or bare transformer (decoder.*)
+            state_dict = {layout[len(HEAD_PREFIX) :] + k: v for k, v in state_dict.items()}
+            prefix = ""
     for original_name, value in state_dict.items():
         if not original_name.startswith(prefix):
             unused[original_name] = value
@@ -409,12 +412,16 @@ def _state_dict_of(obj, path: str) -> dict[str, Tensor]:
 
 
 def _detector_layout(names) -> str:
-    """'' for a full detector state dict, 'pts_bbox_head.' for a bare head (names start at transformer.)."""
-    names = list(names)
+    """What to put before the names to get the detector's: '' for a full detector state dict,
+    'pts_bbox_head.' for a bare head (names start at transformer.), 'pts_bbox_head.transformer.' for
+    a bare transformer (names start at decoder.layers.)."""
+    names = [n for n in names if isinstance(n, str)]
     if any(n.startswith(DETECTOR_PARTS) for n in names):
         return ""
     if any(n.startswith(("transformer.", "cls_branches.", "reg_branches.", "reference_points.")) for n in names):
         return HEAD_PREFIX
+    if any(n.startswith(("decoder.layers.", "decoder.post_norm.", "decoder.norm.")) for n in names):
+        return HEAD_PREFIX + "transformer."
     return ""
 
 
