@@ -207,3 +207,18 @@ def test_unknown_names_are_reported():
         to_petr_state_dict({"layers.0.extra.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="no checkpoint mapping"):
         load_original_state_dict(nn.Linear(2, 2), {})
+
+
+def test_stored_settings_are_compared_on_load():
+    checkpoint = original_checkpoint("streampetr", seed=4)  # its pc_range etc. are random numbers
+    decoder, position = ours("streampetr")
+    with pytest.raises(ValueError, match="'pts_bbox_head.pc_range' = .* differs from StreamPETRDecoder"):
+        load_original_state_dict(decoder, checkpoint, position)
+    state = dict(checkpoint["state_dict"])
+    state["pts_bbox_head.pc_range"] = torch.tensor([-51.2, -51.2, -5.0, 51.2, 51.2, 3.0])
+    state["pts_bbox_head.position_range"] = torch.tensor([-61.2, -61.2, -10.0, 61.2, 61.2, 10.0])
+    with pytest.raises(ValueError, match="coords_d"):
+        load_original_state_dict(decoder, state, position)
+    index = torch.arange(DEPTHS).float()
+    state["pts_bbox_head.coords_d"] = 1 + (torch.tensor(61.2) - 1) / (DEPTHS * (DEPTHS + 1)) * index * (index + 1)
+    load_original_state_dict(decoder, state, position)

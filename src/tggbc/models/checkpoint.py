@@ -278,6 +278,9 @@ def load_original_state_dict(
 
     Returns:
         the ConvertedStateDict, so callers can inspect `unused`.
+    Raises:
+        ValueError if the checkpoint's stored pc_range, position_range or depth bins (coords_d)
+        differ from the decoder's / key side's.
     """
     from .focalpetr import FocalPETRDecoder
     from .petr import PETRDecoder
@@ -289,6 +292,17 @@ def load_original_state_dict(
         converted = convert_petr_state_dict(state_dict, prefix)
     else:
         raise TypeError(f"no checkpoint mapping for {type(decoder).__name__}")
+    # The head's stored settings must be the modules' (a wrong range would load "strictly" and run wrong).
+    stored = {n[len(prefix) :] if n.startswith(prefix) else n: v for n, v in converted.unused.items()}
+    expected = {"pc_range": decoder.pc_range}
+    if position is not None:
+        expected["position_range"] = position.position_range
+        if hasattr(position, "depths"):
+            expected["coords_d"] = position.depths
+    name = type(decoder).__name__
+    for key, value in expected.items():
+        if key in stored:
+            _check_constant(prefix + key, stored[key], value.detach().float().cpu().reshape(-1), name)
     with torch.no_grad():
         decoder.load_state_dict(converted.decoder, strict=strict)
         if position is not None:
