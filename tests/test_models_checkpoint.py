@@ -196,9 +196,29 @@ def test_legacy_names_and_bare_head_prefix():
 
 
 def test_unknown_names_are_reported():
-    converted = convert_petr_state_dict({"pts_bbox_head.something_new.weight": torch.zeros(1)})
+    converted = convert_petr_state_dict(
+        {"pts_bbox_head.something_new.weight": torch.zeros(1), "pts_bbox_head.input_proj.bias": torch.zeros(1)}
+    )
     assert converted.decoder == {} and list(converted.unused) == ["pts_bbox_head.something_new.weight"]
+    # A state dict of which nothing maps is an error, never an empty conversion.
+    with pytest.raises(ValueError, match="no tensor of the 1 .*something_new"):
+        convert_petr_state_dict({"pts_bbox_head.something_new.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="no counterpart"):
         to_petr_state_dict({"layers.0.extra.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="no checkpoint mapping"):
         load_original_state_dict(nn.Linear(2, 2), {})
+
+
+def test_stored_settings_are_compared_on_load():
+    checkpoint = original_checkpoint("streampetr", seed=4)  # its pc_range etc. are random numbers
+    decoder, position = ours("streampetr")
+    with pytest.raises(ValueError, match="'pts_bbox_head.pc_range' = .* differs from StreamPETRDecoder"):
+        load_original_state_dict(decoder, checkpoint, position)
+    state = dict(checkpoint["state_dict"])
+    state["pts_bbox_head.pc_range"] = torch.tensor([-51.2, -51.2, -5.0, 51.2, 51.2, 3.0])
+    state["pts_bbox_head.position_range"] = torch.tensor([-61.2, -61.2, -10.0, 61.2, 61.2, 10.0])
+    with pytest.raises(ValueError, match="coords_d"):
+        load_original_state_dict(decoder, state, position)
+    index = torch.arange(DEPTHS).float()
+    state["pts_bbox_head.coords_d"] = 1 + (torch.tensor(61.2) - 1) / (DEPTHS * (DEPTHS + 1)) * index * (index + 1)
+    load_original_state_dict(decoder, state, position)

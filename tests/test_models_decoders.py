@@ -370,6 +370,20 @@ def transform(points, matrix):
     return (matrix.unsqueeze(1) @ points.unsqueeze(-1)).squeeze(-1)[..., :3]
 
 
+def egopose_inverse(pose):
+    """The published data pipeline's invert_matrix_egopose_numpy (R^T, -R^T t) per sample, from a float64 pose.
+
+    The inverse of a pose near (600, 1600) m is sensitive: a float32 LU inverse moves the outputs
+    by 1e-2, and even float32 rounding of -R^T t (1 ulp = 1.2e-4 m) moves hidden states by 3e-4.
+    """
+    inverse = torch.zeros_like(pose, dtype=torch.float64)
+    rotation, translation = pose[:, :3, :3].double(), pose[:, :3, 3].double()
+    inverse[:, :3, :3] = rotation.transpose(1, 2)
+    inverse[:, :3, 3] = -(rotation.transpose(1, 2) @ translation[..., None])[..., 0]
+    inverse[:, 3, 3] = 1.0
+    return inverse.float()
+
+
 class ReferenceStreamHead:
     """The reference's memory bank handling around the decoder, sequence-first."""
 
@@ -400,7 +414,7 @@ class ReferenceStreamHead:
 
     def __call__(self, memory, key_pos, ego_pose, timestamp, prev_exists):
         d, b = self.d, memory.shape[0]
-        self.pre_update(prev_exists, timestamp, torch.linalg.inv(ego_pose))
+        self.pre_update(prev_exists, timestamp, egopose_inverse(ego_pose))
         pc, p, half = torch.tensor(PC_RANGE), d.num_propagated, d.embed_dims // 2
         reference = d.reference_points.weight.unsqueeze(0).repeat(b, 1, 1)
         query_pos = d.query_embedding.mlp(posemb3d(reference, half))

@@ -207,7 +207,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_setting_arguments, add_threads_argument, device_argument, nonnegative_int, positive_int
 
     add_setting_arguments(parser)
-    parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    parser.add_argument("--list", action="store_true", help="list the presets and models and exit")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="time a whole published detector (backbone, neck, head) instead of a decoder: a config name or alias",
+    )
+    parser.add_argument(
+        "--image-size", type=image_size_argument, default=None, metavar="HxW", help="with --model: input size"
+    )
     parser.add_argument(
         "--backend",
         choices=["torch", "onnxruntime", "openvino"],
@@ -229,11 +237,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def image_size_argument(text: str) -> tuple[int, int]:
+    """argparse type of --image-size: HxW (network input height x width, multiples of 32)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be HxW such as 256x704, got {text!r}") from None
+    if h < 32 or w < 32 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 32, got {text!r}")
+    return h, w
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
+        from .models.configs import PUBLISHED_CONFIGS
+
         for name, p in DECODER_PRESETS.items():
             print(f"{name:<28} {p.kind:<11} {p.keys:>6} keys  r={p.r} n={p.n} k={p.k}  {p.note}")
+        for name, c in PUBLISHED_CONFIGS.items():
+            print(
+                f"--model {name:<54} {c.image_size[1]}x{c.image_size[0]} {c.num_keys:>6} keys  r={c.r} n={c.n} k={c.k}"
+            )
         return 0
+    if args.model is not None:
+        return _run_model(args)
     from .cli import apply_threads, preset_title, resolve_setting
     from .files import prepare_output_file
 
@@ -266,5 +293,41 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"preset": name, "setting": asdict(preset), "env": env, "results": [asdict(r) for r in results]}
         write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    """`tggbc bench --model NAME`: see `tggbc.model_bench`."""
+    from .cli import apply_threads
+    from .files import prepare_output_file
+    from .model_bench import format_model_table, results_payload, run_model_benchmark
+
+    if args.backend != "torch" or args.dtype != "float32":
+        raise ValueError("--model times the PyTorch detector in float32: drop --backend / --dtype")
+    if args.preset is not None or args.kind is not None or args.keys is not None or args.queries is not None:
+        raise ValueError("--model fixes the decoder and key count: drop --preset / --kind / --keys / --queries")
+    apply_threads(args)
+    if args.json:
+        prepare_output_file(args.json, args.force, what="--json")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ("dense", "tggbc")
+    results, info = run_model_benchmark(
+        args.model,
+        image_size=args.image_size,
+        batch=args.batch,
+        device=args.device,
+        warmup=args.warmup,
+        runs=args.runs,
+        methods=methods,
+        r=args.r,
+        n=args.n,
+        k=args.k,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    env = environment("torch", args.device, "float32", args.batch, args.runs, args.warmup)
+    print(format_model_table(info, results, env))
+    if args.json:
+        write_json_atomic(args.json, results_payload(info, results, env))
         print(f"wrote {args.json}")
     return 0

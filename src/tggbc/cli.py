@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tggbc.demo", "the main job: tgGBC's accuracy against its controls, and its speed, with plots"),
     "schedule": ("tggbc.cli", "print the per-layer pruning schedule for an r, n and key count"),
     "bench": ("tggbc.bench", "decoder latency: dense vs tgGBC (reference and fast) at the published shapes"),
+    "convert": ("tggbc.convert", "convert an official StreamPETR / PETR / FocalPETR checkpoint for a tggbc detector"),
     "export": ("tggbc.export.cli", "export a decoder with tgGBC inside to ONNX, checked against PyTorch"),
     "data": ("tggbc.data.cli", "generate synthetic six-camera driving scenes in nuScenes format"),
     "train": ("tggbc.detector.train", "train the synthetic-scene detector (defaults: the shipped recipe)"),

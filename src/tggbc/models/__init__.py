@@ -8,6 +8,11 @@ Kinds: "petr" (`PETRDecoder`), "streampetr" (`StreamPETRDecoder`), "focalpetr"
 (`FocalPETRDecoder`). The key side of each head (image features + cameras -> memory, key_pos)
 is in `tggbc.models.position`; checkpoint renaming in `tggbc.models.checkpoint`.
 
+Complete detectors of the published configs (backbone, neck, heads, box decoding):
+
+    detector = build_detector("stream_petr_r50_flash_704_bs2_seq_24e")   # tgGBC at its defaults
+    load_converted(detector, "streampetr_r50.safetensors")                # from `tggbc convert`
+
 Imports nothing but torch and the core.
 """
 
@@ -17,23 +22,55 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    ConvertedCheckpoint,
     ConvertedStateDict,
+    convert_checkpoint,
     convert_petr_state_dict,
     convert_streampetr_state_dict,
+    load_checkpoint,
+    load_converted,
     load_original_state_dict,
+    read_checkpoint,
     to_petr_state_dict,
     to_streampetr_state_dict,
 )
+from .coder import Detections, NMSFreeCoder
+from .configs import PUBLISHED_CONFIGS, PublishedConfig, published_config
 from .decoder import ATTENTION_MODES, DecoderOutput, PETRFamilyDecoder
+from .detectors import DetectorOutput, PETRFamilyDetector, SceneStream, build_detector
 from .focalpetr import FocalPETRDecoder
+from .heads import FocalHead, FocalPETRHead, StreamPETRHead
 from .layers import MotionLayerNorm, PETRDecoderLayer, QueryPositionEmbedding
+from .necks import CPFPN
 from .petr import PETRDecoder
 from .position import DecoderKeys, PETRPositionEmbedding, StreamPETRPositionEmbedding
+from .resnet import ResNet
 from .state import TemporalState
 from .streampetr import StreamPETRDecoder
+from .vovnet import VoVNet
 
 __all__ = [
     "ATTENTION_MODES",
+    "CPFPN",
+    "ConvertedCheckpoint",
+    "Detections",
+    "DetectorOutput",
+    "FocalHead",
+    "FocalPETRHead",
+    "NMSFreeCoder",
+    "PETRFamilyDetector",
+    "PUBLISHED_CONFIGS",
+    "PublishedConfig",
+    "ResNet",
+    "SceneStream",
+    "StreamPETRHead",
+    "VoVNet",
+    "build_detector",
+    "convert_checkpoint",
+    "load_checkpoint",
+    "load_converted",
+    "published_config",
+    "read_checkpoint",
     "DECODERS",
     "ConvertedStateDict",
     "DecoderKeys",

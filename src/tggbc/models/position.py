@@ -65,8 +65,12 @@ def lid_depth_bins(
     Returns:
         [D] float32 depths in metres (1.0 ... 60.27 for the defaults).
     """
+    # Float32 arithmetic in the published order (its position_range is a float32 tensor), so the
+    # bins equal the `coords_d` the published checkpoints store bit for bit.
     index = torch.arange(depth_num, dtype=torch.float32, device=device)
-    bin_size = (depth_max - depth_start) / (depth_num * (1 + depth_num))
+    bin_size = (torch.tensor(depth_max, dtype=torch.float32, device=device) - depth_start) / (
+        depth_num * (1 + depth_num)
+    )
     return depth_start + bin_size * index * (index + 1)
 
 

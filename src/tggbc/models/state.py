@@ -14,7 +14,7 @@ from torch import Tensor
 # nuScenes detection range of the published configs: boxes are decoded into it.
 POINT_CLOUD_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 
-__all__ = ["TemporalState", "transform_points", "POINT_CLOUD_RANGE"]
+__all__ = ["TemporalState", "transform_points", "rigid_inverse", "POINT_CLOUD_RANGE"]
 
 
 def transform_points(points: Tensor, matrix: Tensor) -> Tensor:
@@ -28,6 +28,45 @@ def transform_points(points: Tensor, matrix: Tensor) -> Tensor:
     """
     homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, M, 4)
     return (matrix.unsqueeze(1) @ homogeneous.unsqueeze(-1)).squeeze(-1)[..., :3]
+
+
+def rigid_inverse(pose: Tensor, atol: float = 1e-3) -> Tensor:
+    """Inverse of rigid transforms, [R t; 0 1] -> [R^T -R^T t; 0 1], computed in float64.
+
+    The published data pipeline inverts the ego pose this way (invert_matrix_egopose_numpy), not
+    with a general matrix inverse: at nuScenes' ~1 km global coordinates a float32 LU inverse is
+    off by millimetres, enough to move logits and flip a box in the top 300.
+
+    Args:
+        pose: [..., 4, 4] rigid transforms (any float dtype).
+        atol: how far R^T R may be from the identity (and the last row from (0, 0, 0, 1)).
+    Returns:
+        [..., 4, 4] float32 inverses.
+    Raises:
+        ValueError if a matrix is not rigid (a scale, shear or projection would make R^T wrong).
+    """
+    if pose.dim() < 2 or tuple(pose.shape[-2:]) != (4, 4):
+        raise ValueError(f"ego_pose must be [..., 4, 4], got {tuple(pose.shape)}")
+    p = pose.double()
+    rotation, translation = p[..., :3, :3], p[..., :3, 3:]
+    eye = torch.eye(3, dtype=torch.float64, device=p.device)
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=p.device)
+    if not torch.isfinite(p).all():
+        raise ValueError("ego_pose has NaN or infinite entries")
+    off = max(
+        float((rotation.transpose(-1, -2) @ rotation - eye).abs().amax()) if p.numel() else 0.0,
+        float((p[..., 3, :] - bottom).abs().amax()) if p.numel() else 0.0,
+    )
+    if off > atol:
+        raise ValueError(
+            f"ego_pose is not a rigid transform (R^T R or the last row is off by {off:.3g} > {atol}); "
+            "pass ego_pose_inv explicitly for a non-rigid pose"
+        )
+    inverse = torch.zeros_like(p)
+    inverse[..., :3, :3] = rotation.transpose(-1, -2)
+    inverse[..., :3, 3:] = -rotation.transpose(-1, -2) @ translation
+    inverse[..., 3, 3] = 1.0
+    return inverse.float()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..pruner import KeyPruner
 from .decoder import POINT_CLOUD_RANGE, DecoderOutput, PETRFamilyDecoder
 from .layers import MotionLayerNorm, nerf_embed, sine_embed_1d
-from .state import TemporalState, transform_points
+from .state import TemporalState, rigid_inverse, transform_points
 
 __all__ = ["StreamPETRDecoder"]
 
@@ -121,10 +121,16 @@ class StreamPETRDecoder(PETRFamilyDecoder):
         prev_exists: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         eye = torch.eye(4, device=device).expand(batch, 4, 4)
-        ego_pose = eye if ego_pose is None else ego_pose.float()
-        if tuple(ego_pose.shape) != (batch, 4, 4):
+        if ego_pose is not None and tuple(ego_pose.shape) != (batch, 4, 4):
             raise ValueError(f"ego_pose must be [B, 4, 4] = {(batch, 4, 4)}, got {tuple(ego_pose.shape)}")
-        ego_pose_inv = torch.linalg.inv(ego_pose) if ego_pose_inv is None else ego_pose_inv.float()
+        if ego_pose_inv is None:
+            # Rigid inverse in float64 from the pose as given (float64 poses lose nothing), as the
+            # published pipeline computes it; a float32 LU inverse is visibly off at ~1 km.
+            ego_pose_inv = eye if ego_pose is None else rigid_inverse(ego_pose).to(device)
+        elif tuple(ego_pose_inv.shape) != (batch, 4, 4):
+            raise ValueError(f"ego_pose_inv must be [B, 4, 4] = {(batch, 4, 4)}, got {tuple(ego_pose_inv.shape)}")
+        ego_pose = eye if ego_pose is None else ego_pose.float()
+        ego_pose_inv = ego_pose_inv.float()
         if timestamp is None:
             timestamp = torch.zeros(batch, device=device, dtype=torch.float64)
         timestamp = torch.as_tensor(timestamp, device=device).double().reshape(-1)
@@ -255,7 +261,8 @@ class StreamPETRDecoder(PETRFamilyDecoder):
             timestamp: [B] time of this frame in seconds (float64); None = 0.
             prev_exists: [B] 1 if the previous frame is of the same scene; None = 1 when a state is
                 given, else 0.
-            ego_pose_inv: [B, 4, 4] inverse of ego_pose if already known.
+            ego_pose_inv: [B, 4, 4] inverse of ego_pose if already known; None = its rigid inverse
+                (rotation transposed, in float64), as the published data pipeline computes it.
             track_keys: return in `kept` the original indices of the image keys each layer saw.
         Returns:
             DecoderOutput over the num_queries + num_propagated queries, with the new `state`.
