@@ -319,6 +319,20 @@ def test_apply_twice_does_not_stack():
     tggbc.patch.remove(twice)  # removing again is a no-op
 
 
+def test_a_deep_copy_carries_its_own_patch():
+    head = petr_head()
+    (x, masks, pos), _ = petr_inputs()
+    tggbc.patch.apply(head, r=[10, 10, 0], k=3)
+    twin_head = copy.deepcopy(head)
+    tggbc.patch.remove(head)
+    with torch.no_grad():
+        patched, original = twin_head(x, masks, pos), head(x, masks, pos)
+        tggbc.patch.remove(twin_head)
+        restored = twin_head(x, masks, pos)
+    assert not torch.allclose(patched["all_cls_scores"], original["all_cls_scores"])
+    assert torch.equal(restored["all_cls_scores"], original["all_cls_scores"])
+
+
 def test_parameters_are_read_at_call_time():
     """No copies: a dtype change after apply is followed, and the patched float64 model equals the
     original float64 model."""

@@ -54,7 +54,6 @@ ATTENTION_MODES = ("fast", "reference")
 
 # Attribute that marks a patched module; its value is an _Installed record.
 _MARK = "_tggbc_patch"
-_NO_FORWARD = object()  # the module had no forward of its own on the instance before the patch
 
 
 @dataclass(eq=False)
@@ -93,7 +92,9 @@ class DecoderPatch:
 class _Installed(NamedTuple):
     patch: DecoderPatch
     role: str  # "decoder" or "cross_attn"
-    prior_forward: object  # the instance's own forward before the patch, or _NO_FORWARD
+    # The instance's own forward before the patch, or None (the class's). Not a sentinel object:
+    # copy.deepcopy and pickle would turn that into a different object.
+    prior_forward: object
 
 
 class _Plan(NamedTuple):
@@ -417,14 +418,14 @@ def _on_parameters(inner, query, key, value, attn_mask, key_padding_mask, dropou
 
 def _install(module: nn.Module, role: str, forward, patch: DecoderPatch) -> None:
     # An instance attribute shadows the class's forward for this module only; `remove` deletes it.
-    prior = module.__dict__.get("forward", _NO_FORWARD)
+    prior = module.__dict__.get("forward")
     module.forward = forward
     setattr(module, _MARK, _Installed(patch, role, prior))
 
 
 def _uninstall(module: nn.Module) -> None:
     installed = module.__dict__.pop(_MARK)
-    if installed.prior_forward is _NO_FORWARD:
+    if installed.prior_forward is None:
         del module.forward
     else:
         module.forward = installed.prior_forward
