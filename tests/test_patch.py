@@ -376,7 +376,7 @@ def test_detector_in_a_data_parallel_wrapper():
     decoder.pruner = tggbc.KeyPruner(r=20, n=1, k=5)
     assert tggbc.patch.apply(model, r=20, n=1, k=5) is model
     (patch,) = tggbc.patch.patches(model)
-    assert patch.head == "module.pts_bbox_head" and patch.kinds == ["flash"] * LAYERS
+    assert patch.head_path == "module.pts_bbox_head" and patch.kinds == ["flash"] * LAYERS
     head.reset_memory()
     for (memory, pos, data, _), ref in zip(frames, run_twin_stream(decoder, frames), strict=True):
         with torch.no_grad():

@@ -65,7 +65,7 @@ class DecoderPatch:
         attention: "fast" or "reference".
         track_keys: record in `kept` the original indices of the keys each layer saw.
     Found at apply time:
-        head: where the head sits in the model passed to `apply` ("" for the model itself).
+        head_path: where the head sits in the model passed to `apply` ("" for the model itself).
         kinds: per layer, "torch" (nn.MultiheadAttention inside) or "flash" (FlashMHA inside).
     After each forward:
         keys_per_layer: L ints, the image keys each layer's cross-attention saw.
@@ -75,7 +75,7 @@ class DecoderPatch:
     pruner: KeyPruner | None
     attention: str
     track_keys: bool
-    head: str
+    head_path: str
     kinds: list[str]
     keys_per_layer: list[int] = field(default_factory=list)
     kept: list[Tensor] | None = None
@@ -504,7 +504,7 @@ def apply(
                 pruner=pruner,
                 attention=attention,
                 track_keys=track_keys,
-                head=plan.head_name,
+                head_path=plan.head_name,
                 kinds=plan.kinds,
                 cls_branches=plan.head.cls_branches,
                 batch_first=plan.batch_first,
