@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from tggbc import MultiheadAttention, key_importance, query_confidence
+from tggbc.attention import multi_head_attention
 
 E, H = 32, 4
 
@@ -117,3 +118,32 @@ def test_bad_input():
     _, rows = fast(q, k, v, return_rows=True)
     with pytest.raises(ValueError, match="query_index"):
         rows(torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_function_on_foreign_parameters_without_biases(batch_first, need_weights):
+    """multi_head_attention on another module's parameters (here nn.MultiheadAttention(bias=False),
+    the layout of a FlashMHA built with bias=False) equals that module."""
+    torch.manual_seed(3)
+    ref = nn.MultiheadAttention(E, H, bias=False, batch_first=batch_first).eval()
+    q, k, v, mask = inputs(batch_first, padded=True)
+    expected, expected_weights = ref(q, k, v, key_padding_mask=mask)
+    out, weights = multi_head_attention(
+        q,
+        k,
+        v,
+        H,
+        ref.in_proj_weight,
+        ref.in_proj_bias,
+        ref.out_proj.weight,
+        ref.out_proj.bias,
+        key_padding_mask=mask,
+        need_weights=need_weights,
+        batch_first=batch_first,
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+    else:
+        assert weights is None

@@ -6,7 +6,8 @@ comes from `scaled_dot_product_attention` (flash / fused kernels where the devic
 `return_rows=True` it also hands back an `AttentionRows` that keeps the projected queries and keys
 of this call; tgGBC then asks it for the head-averaged weights of only the top-k queries once the
 layer's class logits are known: K x Nk per head instead of the Nq x Nk map the published code
-materialises.
+materialises. `multi_head_attention` is the same computation as a function of the parameters, for
+attention modules that tggbc does not own (`tggbc.patch` runs the user's own modules through it).
 
 Imports nothing but torch.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MultiheadAttention", "AttentionRows"]
+__all__ = ["MultiheadAttention", "AttentionRows", "multi_head_attention"]
 
 
 class AttentionRows:
@@ -126,6 +127,111 @@ def _additive_mask(key_padding_mask: Tensor | None, batch: int, num_keys: int) -
     return mask[:, None, None, :]
 
 
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None, i: int, num_heads: int) -> Tensor:
+    """x [B, N, E] -> head-split projection i (0 q, 1 k, 2 v) of a packed in-projection: [B, H, N, hd]."""
+    e = weight.shape[1]
+    y = F.linear(x, weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e])
+    return y.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    need_weights: bool = False,
+    return_rows: bool = False,
+    dropout_p: float = 0.0,
+    batch_first: bool = False,
+) -> tuple[Tensor, Tensor | AttentionRows | None]:
+    """nn.MultiheadAttention's maths on given parameters, fused through SDPA unless weights are asked for.
+
+    Args:
+        query: [B, Nq, E] (batch_first) or [Nq, B, E].
+        key, value: [B, Nk, E] or [Nk, B, E]; `value is key` is allowed.
+        num_heads: H; E must be divisible by H.
+        in_proj_weight: [3E, E] packed q, k, v projections (nn.MultiheadAttention's layout).
+        in_proj_bias: [3E] or None.
+        out_proj_weight: [E, E]; out_proj_bias: [E] or None.
+        key_padding_mask: [B, Nk], bool (True = ignore) or float (added to logits).
+        attn_mask: optional [Nq, Nk] bool (True = not allowed) or float additive mask.
+        need_weights: return explicit head-averaged weights [B, Nq, Nk] computed the way
+            nn.MultiheadAttention does (the unfused path the published tgGBC code needs).
+        return_rows: return an AttentionRows handle (fused output, rows on demand). The rows
+            honour key_padding_mask, not attn_mask (tgGBC scores cross-attention).
+        dropout_p: attention dropout; pass 0 outside training.
+        batch_first: the layout of query, key, value and the output.
+    Returns:
+        (output shaped like query, weights | AttentionRows | None).
+    """
+    if need_weights and return_rows:
+        raise ValueError("need_weights and return_rows are exclusive: rows are the cheap form of weights")
+    embed_dim = in_proj_weight.shape[1]
+    if in_proj_weight.shape[0] != 3 * embed_dim:
+        raise ValueError(f"in_proj_weight must be packed [3E, E], got {tuple(in_proj_weight.shape)}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 3 or t.shape[-1] != embed_dim:
+            raise ValueError(f"{name} must be 3-D with {embed_dim} channels, got {tuple(t.shape)}")
+    if need_weights:
+        out, weights = F.multi_head_attention_forward(
+            *(x if not batch_first else x.transpose(0, 1) for x in (query, key, value)),
+            embed_dim,
+            num_heads,
+            in_proj_weight,
+            in_proj_bias,
+            None,
+            None,
+            False,
+            dropout_p,
+            out_proj_weight,
+            out_proj_bias,
+            training=dropout_p > 0,
+            key_padding_mask=key_padding_mask,
+            need_weights=True,
+            attn_mask=attn_mask,
+            average_attn_weights=True,
+        )
+        return (out.transpose(0, 1) if batch_first else out), weights
+    if not batch_first:  # SDPA wants batch first: (N, B, E) -> (B, N, E), views only
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    batch, num_queries, num_keys = query.shape[0], query.shape[1], key.shape[1]
+    if key.shape[0] != batch or value.shape[:2] != key.shape[:2]:
+        raise ValueError(f"query batch {batch}, key {tuple(key.shape)} and value {tuple(value.shape)} do not agree")
+    q = _project(query, in_proj_weight, in_proj_bias, 0, num_heads)  # (B, H, Nq, hd)
+    k = _project(key, in_proj_weight, in_proj_bias, 1, num_heads)  # (B, H, Nk, hd)
+    v = _project(
+        value, in_proj_weight, in_proj_bias, 2, num_heads
+    )  # (B, H, Nk, hd); its own weights even when value is key
+    mask = _additive_mask(key_padding_mask, batch, num_keys)
+    sdpa_mask = mask
+    if attn_mask is not None:
+        if tuple(attn_mask.shape) != (num_queries, num_keys):
+            raise ValueError(f"attn_mask must be (Nq, Nk) = {(num_queries, num_keys)}, got {tuple(attn_mask.shape)}")
+        extra = (
+            attn_mask.float().masked_fill(attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else attn_mask.float()
+        )
+        sdpa_mask = extra if mask is None else mask + extra
+    if sdpa_mask is not None:
+        sdpa_mask = sdpa_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)  # (B, H, Nq, hd)
+    out = F.linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias)  # (B, Nq, E)
+    if not batch_first:
+        out = out.transpose(0, 1)
+    rows = AttentionRows(q, k, mask) if return_rows else None
+    return out, rows
+
+
 class MultiheadAttention(nn.Module):
     """Drop-in for nn.MultiheadAttention (same parameters, same maths) built on fused SDPA.
 
@@ -161,12 +267,6 @@ class MultiheadAttention(nn.Module):
         new.load_state_dict(mha.state_dict())
         return new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
 
-    def _project(self, x: Tensor, i: int) -> Tensor:
-        """x [B, N, E] -> head-split projection i (0 q, 1 k, 2 v): [B, H, N, hd]."""
-        e = self.embed_dim
-        y = F.linear(x, self.in_proj_weight[i * e : (i + 1) * e], self.in_proj_bias[i * e : (i + 1) * e])
-        return y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
     def forward(
         self,
         query: Tensor,
@@ -177,72 +277,31 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         return_rows: bool = False,
     ) -> tuple[Tensor, Tensor | AttentionRows | None]:
-        """Attention of query over key/value.
+        """Attention of query over key/value; see `multi_head_attention` for the arguments.
 
         Args:
             query: [B, Nq, E] (batch_first) or [Nq, B, E].
             key, value: [B, Nk, E] or [Nk, B, E]; `value is key` is allowed.
             key_padding_mask: [B, Nk], bool (True = ignore) or float (added to logits).
-            need_weights: return explicit head-averaged weights [B, Nq, Nk] computed the way
-                nn.MultiheadAttention does (the unfused path the published tgGBC code needs).
+            need_weights: explicit head-averaged weights [B, Nq, Nk] (unfused).
             attn_mask: optional [Nq, Nk] bool (True = not allowed) or float additive mask.
-            return_rows: return an AttentionRows handle (fused output, rows on demand). The
-                rows honour key_padding_mask, not attn_mask (tgGBC scores cross-attention).
+            return_rows: an AttentionRows handle (fused output, rows on demand).
         Returns:
             (output shaped like query, weights | AttentionRows | None).
         """
-        if need_weights and return_rows:
-            raise ValueError("need_weights and return_rows are exclusive: rows are the cheap form of weights")
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} must be 3-D with {self.embed_dim} channels, got {tuple(t.shape)}")
-        if need_weights:
-            out, weights = F.multi_head_attention_forward(
-                *(x if not self.batch_first else x.transpose(0, 1) for x in (query, key, value)),
-                self.embed_dim,
-                self.num_heads,
-                self.in_proj_weight,
-                self.in_proj_bias,
-                None,
-                None,
-                False,
-                self.dropout,
-                self.out_proj.weight,
-                self.out_proj.bias,
-                training=self.training,
-                key_padding_mask=key_padding_mask,
-                need_weights=True,
-                attn_mask=attn_mask,
-                average_attn_weights=True,
-            )
-            return (out.transpose(0, 1) if self.batch_first else out), weights
-        if not self.batch_first:  # SDPA wants batch first: (N, B, E) -> (B, N, E), views only
-            query, key, value = (x.transpose(0, 1) if x is not None else None for x in (query, key, value))
-        batch, num_queries, num_keys = query.shape[0], query.shape[1], key.shape[1]
-        if key.shape[0] != batch or value.shape[:2] != key.shape[:2]:
-            raise ValueError(f"query batch {batch}, key {tuple(key.shape)} and value {tuple(value.shape)} do not agree")
-        q = self._project(query, 0)  # (B, H, Nq, hd)
-        k = self._project(key, 1)  # (B, H, Nk, hd)
-        v = self._project(value, 2)  # (B, H, Nk, hd); its own weights even when value is key
-        mask = _additive_mask(key_padding_mask, batch, num_keys)
-        sdpa_mask = mask
-        if attn_mask is not None:
-            if tuple(attn_mask.shape) != (num_queries, num_keys):
-                raise ValueError(
-                    f"attn_mask must be (Nq, Nk) = {(num_queries, num_keys)}, got {tuple(attn_mask.shape)}"
-                )
-            extra = (
-                attn_mask.float().masked_fill(attn_mask, float("-inf"))
-                if attn_mask.dtype == torch.bool
-                else attn_mask.float()
-            )
-            sdpa_mask = extra if mask is None else mask + extra
-        if sdpa_mask is not None:
-            sdpa_mask = sdpa_mask.to(q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout)  # (B, H, Nq, hd)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Nq, E)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        rows = AttentionRows(q, k, mask) if return_rows else None
-        return out, rows
+        return multi_head_attention(
+            query,
+            key,
+            value,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            need_weights=need_weights,
+            return_rows=return_rows,
+            dropout_p=self.dropout if self.training else 0.0,
+            batch_first=self.batch_first,
+        )
