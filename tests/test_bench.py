@@ -48,12 +48,17 @@ def test_count_flops_counts_a_matmul():
         (["--preset", "nope"], "unknown preset"),
         (["--keys", "100", "--r", "100"], "at least one key"),
         (["--methods", "dense,turbo"], "turbo"),
-        (["--runs", "0"], "runs >= 1"),
     ],
 )
 def test_bench_bad_settings(argv, message, capsys):
     assert main(["bench", "--kind", "focalpetr", "--keys", "64", *argv, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_bad_numbers_stop_at_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--kind", "focalpetr", "--keys", "64", "--runs", "0"])
+    assert e.value.code == 2 and "argument --runs: must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_run_benchmark_single_method():

@@ -186,12 +186,18 @@ def test_import_does_not_load_onnx():
     [
         (["--preset", "nope"], "unknown preset", 2),
         (["--kind", "petr", "--keys", "64", "--r", "64"], "at least one key", 2),
-        (["--weights", "/nonexistent/detector.pt"], "no such file", 2),
     ],
 )
 def test_export_cli_errors(argv, message, code, tmp_path, capsys):
     assert main(["export", *argv, "--out", str(tmp_path / "x.onnx")]) == code
     assert message in capsys.readouterr().err
+
+
+def test_export_cli_missing_weights_stop_at_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--weights", "/nonexistent/detector.pt", "--out", str(tmp_path / "x.onnx")])
+    assert e.value.code == 2 and "argument --weights: no such file: /nonexistent/detector.pt" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.fixture

@@ -204,7 +204,14 @@ def run_benchmark(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_arguments, add_threads_argument, device_argument, nonnegative_int, positive_int
+    from .cli import (
+        add_setting_arguments,
+        add_threads_argument,
+        device_argument,
+        image_size_argument,
+        nonnegative_int,
+        positive_int,
+    )
 
     add_setting_arguments(parser)
     parser.add_argument("--list", action="store_true", help="list the presets and models and exit")
@@ -235,17 +242,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--force", action="store_true", help="replace an existing --json file")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def image_size_argument(text: str) -> tuple[int, int]:
-    """argparse type of --image-size: HxW (network input height x width, multiples of 32)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be HxW such as 256x704, got {text!r}") from None
-    if h < 32 or w < 32 or h % 32 or w % 32:
-        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 32, got {text!r}")
-    return h, w
 
 
 def run(args: argparse.Namespace) -> int:

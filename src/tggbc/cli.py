@@ -117,6 +117,17 @@ def device_argument(text: str) -> str:
     return text
 
 
+def image_size_argument(text: str) -> tuple[int, int]:
+    """argparse type of --image-size: HxW (network input height x width, multiples of 32)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be HxW such as 256x704, got {text!r}") from None
+    if h < 32 or w < 32 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 32, got {text!r}")
+    return h, w
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: all)")
 

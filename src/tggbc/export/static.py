@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..models.decoder import PETRFamilyDecoder
 from ..models.petr import PETRDecoder
-from ..models.state import TemporalState
+from ..models.state import TemporalState, rigid_inverse
 from ..models.streampetr import StreamPETRDecoder
 from ..prune import prune_schedule
 from ..pruner import KeyPruner, PrunedKeys, pruning
@@ -172,7 +172,8 @@ class ExportedDecoder(nn.Module):
                 ego_pose = torch.eye(4, device=memory.device).repeat(batch, 1, 1)
             ego_pose = ego_pose.float()
             ego_pose_inv = inputs.get("ego_pose_inv")
-            ego_pose_inv = torch.linalg.inv(ego_pose) if ego_pose_inv is None else ego_pose_inv.float()
+            # ONNX has no matrix inverse: the graph takes it, computed as the data pipeline does.
+            ego_pose_inv = rigid_inverse(ego_pose).float() if ego_pose_inv is None else ego_pose_inv.float()
             timestamp = inputs.get("timestamp")
             timestamp = torch.zeros(batch, dtype=torch.float64) if timestamp is None else timestamp
             prev_exists = inputs.get("prev_exists")
