@@ -190,8 +190,10 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
         train([dataset], tmp_path / "fresh", cfg, init=init, config=TINY, resume=True, progress=False)
 
     settings = settings_for(["tggbc", "random"], [0.5], k=4)
-    results = evaluate(trained, dataset, settings, resamples=5, progress=False)
+    results, layers = evaluate(trained, dataset, settings, resamples=5, progress=False)
     assert [r.name for r in results] == ["dense", "tggbc-0.5", "random-0.5"]
+    assert [r.name for r in layers] == ["layer-1", "layer-2", "layer-3"]
+    assert layers[-1].mAP == results[0].mAP and layers[-1].mAP_diff.value == 0.0  # the last layer is dense
     assert results[1].keys_per_layer == [48, 24, 24] and results[1].mAP_diff is not None
     for r in results:
         assert 0.0 <= r.mAP <= 1.0 and 0.0 <= r.NDS <= 1.0

@@ -112,10 +112,12 @@ def run(args: argparse.Namespace) -> int:
     data = ensure_val_data(Path(args.data), (cfg.image_width, cfg.image_height), args.scenes, not args.quiet)
 
     settings = settings_for(list(METHODS), list(DEMO_FRACTIONS), cfg.default_k)
-    results = evaluate(model, data, settings, progress=not args.quiet)
+    results, layers = evaluate(model, data, settings, progress=not args.quiet)
     print(f"\nAccuracy on {args.scenes} held-out scenes: keys dropped after layer 1, k={cfg.default_k} voting queries.")
     print("Differences from dense with 95% intervals from 200 scene resamples; an interval holding 0 is a tie.")
     print(format_results(results))
+    print("\nThe dense decoder's boxes after each layer: what the layers after the pruning point add.")
+    print(format_results(layers, timing=False))
     curve = plot_accuracy_curve(results, out / "accuracy_curve.png")
 
     # Which keys survive: one frame, 87.5% dropped gradually over three layers so every layer shows.
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             "weights": str(args.weights),
             "data": str(data),
             "accuracy": to_json(results),
+            "layers": to_json(layers),
             "bench": [asdict(r) for r in bench] if bench else None,
             "seconds": round(time.time() - started, 1),
         },

@@ -216,23 +216,21 @@ def score_settings(
     return out
 
 
-def format_results(results: list[SettingResult]) -> str:
-    """One row per setting: metrics, difference from dense with its 95% interval, latency, keys."""
-    base = next((r for r in results if r.method is None), None)
-    lines = [
-        f"{'setting':<16} {'mAP':>6} {'NDS':>6} {'mAP - dense [95% CI]':>30} {'NDS - dense [95% CI]':>30} "
-        f"{'dec ms':>7} {'x':>6}  keys per layer"
-    ]
+def format_results(results: list[SettingResult], timing: bool = True) -> str:
+    """One row per setting: metrics, difference from dense with its 95% interval, and with
+    `timing` the decoder latency, speedup and keys per layer."""
+
+    def diff(d: Interval | None) -> str:
+        return "" if d is None else f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+    dense_ms = next((r.decoder_ms for r in results if r.name == DENSE), float("nan"))
+    header = f"{'setting':<16} {'mAP':>6} {'NDS':>6} {'mAP - dense [95% CI]':>30} {'NDS - dense [95% CI]':>30}"
+    lines = [header + (f" {'dec ms':>7} {'x':>6}  keys per layer" if timing else "")]
     for r in results:
-
-        def diff(d: Interval | None) -> str:
-            return "" if d is None else f"{d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
-
-        speed = f"{base.decoder_ms / r.decoder_ms:.2f}x" if base else ""
-        lines.append(
-            f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {diff(r.mAP_diff):>30} {diff(r.NDS_diff):>30} "
-            f"{r.decoder_ms:>7.1f} {speed:>6}  {','.join(map(str, r.keys_per_layer))}"
-        )
+        row = f"{r.name:<16} {r.mAP:>6.4f} {r.NDS:>6.4f} {diff(r.mAP_diff):>30} {diff(r.NDS_diff):>30}"
+        if timing:
+            row += f" {r.decoder_ms:>7.1f} {dense_ms / r.decoder_ms:>5.2f}x  {','.join(map(str, r.keys_per_layer))}"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -249,9 +247,16 @@ def evaluate(
     decode: DecodeConfig = DecodeConfig(),
     resamples: int = 200,
     seed: int = 0,
+    every_layer: bool = True,
     progress: bool = True,
-) -> list[SettingResult]:
-    """Run and score `settings` on the frames of `split`."""
+) -> tuple[list[SettingResult], list[SettingResult]]:
+    """Run and score `settings` on the frames of `split`.
+
+    Returns:
+        (one result per setting, and with `every_layer` one per layer of the dense decoder,
+        named "layer-1" ...: how much each later layer adds, hence how much pruning after a layer
+        can cost at most).
+    """
     from ..data.frames import list_frames
     from ..nuscenes.scoring import GroundTruth
 
@@ -259,8 +264,14 @@ def evaluate(
     if not frames:
         raise ValueError(f"{dataroot} has no {split} frames")
     gt = GroundTruth.load(dataroot, split)
-    results, times, keys_seen = run_settings(model, frames, settings, decode, progress=progress, seed=seed)
-    return score_settings(gt, settings, results, times, keys_seen, resamples, seed, progress)
+    results, times, keys_seen = run_settings(
+        model, frames, settings, decode, every_layer=every_layer, progress=progress, seed=seed
+    )
+    layers = [Setting(name) for name in results if name.startswith("layer-")]
+    for s in layers:  # the dense decoder's run: its latency and keys
+        times[s.name], keys_seen[s.name] = times[DENSE], keys_seen[DENSE]
+    scored = score_settings(gt, settings + layers, results, times, keys_seen, resamples, seed, progress)
+    return scored[: len(settings)], scored[len(settings) :]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,9 +342,11 @@ def run(args: argparse.Namespace) -> int:
     for s in settings:  # an impossible setting fails before the long loop
         if s.method is not None:
             s.pruner().reset(model.config.num_keys, model.config.num_layers)
-    results = evaluate(model, args.data, settings, split=args.split, decode=decode, resamples=args.resamples,
-                       seed=args.seed, progress=not args.quiet)  # fmt: skip
+    results, layers = evaluate(model, args.data, settings, split=args.split, decode=decode,
+                               resamples=args.resamples, seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(format_results(results))
+    print("\nThe dense decoder's boxes after each layer (difference from its last layer):")
+    print(format_results(layers, timing=False))
     payload = {
         "weights": str(args.weights),
         "data": str(args.data),
@@ -343,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "device": args.device,
         "results": to_json(results),
+        "layers": to_json(layers),
     }
     write_json_atomic(out / "results.json", payload)
     print(f"wrote {out / 'results.json'}")
