@@ -40,6 +40,7 @@ __all__ = [
     "NUSCENES_IMAGE_SIZE",
     "SIZE_DIVISOR",
     "camera_geometry",
+    "check_dataroot",
     "eval_set_name",
     "frame_loader",
     "FrameGeometry",
@@ -250,14 +251,20 @@ class SampleRecord:
     ego2global_translation: tuple[float, ...]
 
 
-def open_nuscenes(dataroot: str | os.PathLike, version: str):
-    """nuscenes-devkit's NuScenes for `dataroot` / `version`, with a clear error when it is not there."""
+def check_dataroot(dataroot: str | os.PathLike, version: str) -> Path:
+    """Fail fast, naming what is missing, unless `dataroot` holds the `version` tables (no loading)."""
     root = Path(dataroot)
     if not root.is_dir():
         raise FileNotFoundError(f"--dataroot {root} is not a directory")
     if not (root / version).is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("v1.0"))
         raise FileNotFoundError(f"--version {version}: {root} has no {version} tables (it has {found or 'none'})")
+    return root
+
+
+def open_nuscenes(dataroot: str | os.PathLike, version: str):
+    """nuscenes-devkit's NuScenes for `dataroot` / `version`, with a clear error when it is not there."""
+    root = check_dataroot(dataroot, version)
     try:
         from nuscenes import NuScenes
     except ImportError as e:
