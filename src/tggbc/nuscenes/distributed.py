@@ -64,6 +64,7 @@ def current_shard(device: str = "cpu") -> Shard:
 
     if not dist.is_available():
         raise ImportError("this torch build has no torch.distributed: run in one process")
+    _die_with_parent()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         if local >= torch.cuda.device_count():
@@ -77,6 +78,18 @@ def current_shard(device: str = "cpu") -> Shard:
         timeout = datetime.timedelta(hours=24)
         dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
     return Shard(rank=rank, world_size=world, local_rank=local)
+
+
+def _die_with_parent() -> None:
+    """Under torchrun: end this process when its launcher dies (Linux), so none is left running."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: torchrun's own shutdown still stops its workers
 
 
 def assign_scenes(frame_counts: list[int], world_size: int) -> list[list[int]]:

@@ -317,7 +317,7 @@ class SettingScore:
     class_ap: dict[str, float]
     e2e_ms: float
     decoder_ms: float
-    decoder_speedup: float
+    decoder_speedup: float | None
     keys_per_layer: list[int]
     frames: int
     submission: str = ""
@@ -368,9 +368,10 @@ def format_scores(scores: list[SettingScore], title: str = "") -> str:
     for s in scores:
         setting = "" if s.method is None else f"{s.r} {s.n} {s.k}"
         errs = "".join(f"{s.tp_errors[k]:>7.4f}" for k in TP_NAMES)
+        speedup = "" if s.decoder_speedup is None else f"{s.decoder_speedup:.2f}x"
         lines.append(
             f"{s.name:<10} {setting:<20} {s.mAP:>7.4f} {s.NDS:>7.4f}{errs} {s.e2e_ms:>8.1f} {s.decoder_ms:>8.1f} "
-            f"{s.decoder_speedup:>5.2f}x  {','.join(map(str, s.keys_per_layer))}"
+            f"{speedup:>6}  {','.join(map(str, s.keys_per_layer))}"
         )
     return "\n".join(lines)
 
@@ -559,7 +560,7 @@ def _score(nusc, out, eval_set, scenes, samples_of, settings, identity, num_samp
                 class_ap={k: float(v) for k, v in summary["mean_dist_aps"].items()},
                 e2e_ms=statistics.median(total_ms),
                 decoder_ms=statistics.median(decoder_ms),
-                decoder_speedup=float("nan"),
+                decoder_speedup=None,
                 keys_per_layer=keys,
                 frames=len(decoder_ms),
                 submission=str(folder / SUBMISSION_FILE),
@@ -567,8 +568,8 @@ def _score(nusc, out, eval_set, scenes, samples_of, settings, identity, num_samp
             )
         )
     dense = next((sc for sc in scores if sc.method is None), None)
-    for sc in scores:
-        sc.decoder_speedup = dense.decoder_ms / sc.decoder_ms if dense is not None else float("nan")
+    for sc in scores:  # None without a dense setting to compare with
+        sc.decoder_speedup = dense.decoder_ms / sc.decoder_ms if dense is not None else None
     info = {**identity, "samples": num_samples, "scenes": len(scenes)}
     write_json_atomic(out / RESULTS_FILE, {"run": info, "results": [asdict(sc) for sc in scores]})
     return scores, info
