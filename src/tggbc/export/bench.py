@@ -353,7 +353,8 @@ def run_model_backend_benchmark(
     One published detector (random weights: latency does not depend on them) is exported twice
     (`tggbc.export.detector`) and both graphs run on the same frame (a scene's first: empty memory),
     their timed runs interleaved. Parts (backbone, neck, key side, decoder, other) come from one
-    profiled run per graph: each part's share of node time, times the median.
+    profiled run per graph: each part's share of node time, times the median. OpenVINO renames the
+    convolutions it fuses with their batch norms, so with it their time counts as "other".
 
     Returns:
         (one tggbc.model_bench.ModelResult per method, the setting), as `run_model_benchmark`.

@@ -283,6 +283,8 @@ def _prepare_out(out: Path, identity: dict, force: bool) -> bool:
     resume = False
     if run_file.is_file():
         previous = read_json(run_file, what="run record")
+        if not isinstance(previous, dict):
+            raise ValueError(f"run record {run_file} is damaged: delete it, or pass --force")
         if previous == identity and not force:
             resume = True
         elif not force:
@@ -291,8 +293,14 @@ def _prepare_out(out: Path, identity: dict, force: bool) -> bool:
                 f"--out {out} holds another run (it differs in {', '.join(diff)}): pass --force to start over there, "
                 "or choose another --out"
             )
-        else:
+        else:  # start over: drop the earlier run's results (only the files this command writes)
             shutil.rmtree(out / SCENES_DIR, ignore_errors=True)
+            for setting in previous.get("settings") or []:
+                name = setting.get("name") if isinstance(setting, dict) else None
+                if isinstance(name, str) and name and "/" not in name and (out / name).is_dir():
+                    for file in (SUBMISSION_FILE, SUMMARY_FILE):
+                        (out / name / file).unlink(missing_ok=True)
+            (out / RESULTS_FILE).unlink(missing_ok=True)
     else:
         prepare_output_dir(out, force, what="--out")
     write_json_atomic(run_file, identity)
