@@ -431,7 +431,14 @@ def evaluate_model(
     Returns:
         on the main process (SettingScore per setting, run info); None on the others.
     """
-    from .reader import ImageNormalization, NuScenesFrames, check_dataroot, eval_set_name, frame_loader
+    from .reader import (
+        ImageNormalization,
+        NuScenesFrames,
+        check_dataroot,
+        eval_set_name,
+        frame_loader,
+        overlapping_scenes,
+    )
 
     shard = shard or Shard()
     check_dataroot(dataroot, version)
@@ -477,6 +484,13 @@ def evaluate_model(
     if shard.is_main and resume:
         done = len(scenes) - sum(1 for name, _ in scenes if not _scene_path(out, name).is_file())
         print(f"resuming {out}: {done} of {len(scenes)} scenes already done")
+    overlapping = overlapping_scenes(records)
+    if shard.is_main and overlapping:
+        print(f"note: {overlapping} scenes overlap in time; the original's timestamp order would interleave them "
+              "(resetting StreamPETR's memory at each switch), here each scene runs whole")  # fmt: skip
+    from nuscenes.eval.common.config import config_factory
+
+    class_range = config_factory("detection_cvpr_2019").class_range
 
     dataset = NuScenesFrames(records, config.image_size, ImageNormalization.of(config))
     runner = SceneRunner(detector, settings, seed=seed)
@@ -498,7 +512,7 @@ def evaluate_model(
                              for s in settings}  # fmt: skip
             record = records[index]
             for name, res in runner(batch).items():
-                boxes = _global_boxes(res.detections, record)
+                boxes = _global_boxes(res.detections, record, class_range)
                 c = collected[name]
                 for f in BOX_FIELDS:
                     c[f].append(boxes[f])
@@ -516,10 +530,12 @@ def evaluate_model(
     barrier(shard)
     if not shard.is_main:
         return None
-    return _score(nusc, out, eval_set, scenes, samples_of, settings, identity, len(records))
+    info = {**identity, "samples": len(records), "scenes": len(scenes), "overlapping_scenes": overlapping,
+            "processes": shard.world_size}  # fmt: skip
+    return _score(nusc, out, eval_set, scenes, samples_of, settings, info)
 
 
-def _global_boxes(det, record) -> dict[str, np.ndarray]:
+def _global_boxes(det, record, class_range: dict) -> dict[str, np.ndarray]:
     from .submission import global_detection_boxes
 
     return global_detection_boxes(
@@ -530,10 +546,11 @@ def _global_boxes(det, record) -> dict[str, np.ndarray]:
         record.lidar2ego_translation,
         record.ego2global_rotation,
         record.ego2global_translation,
+        class_range,
     )
 
 
-def _score(nusc, out, eval_set, scenes, samples_of, settings, identity, num_samples):
+def _score(nusc, out, eval_set, scenes, samples_of, settings, info):
     """Read every scene back, write each setting's submission, score it with DetectionEval."""
     from ..files import write_json_atomic
 
@@ -578,7 +595,6 @@ def _score(nusc, out, eval_set, scenes, samples_of, settings, identity, num_samp
     dense = next((sc for sc in scores if sc.method is None), None)
     for sc in scores:  # None without a dense setting to compare with
         sc.decoder_speedup = dense.decoder_ms / sc.decoder_ms if dense is not None else None
-    info = {**identity, "samples": num_samples, "scenes": len(scenes)}
     write_json_atomic(out / RESULTS_FILE, {"run": info, "results": [asdict(sc) for sc in scores]})
     return scores, info
 
