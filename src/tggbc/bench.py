@@ -299,14 +299,30 @@ def _run_model(args: argparse.Namespace) -> int:
     from .files import prepare_output_file
     from .model_bench import format_model_table, results_payload, run_model_benchmark
 
-    if args.backend != "torch" or args.dtype != "float32":
-        raise ValueError("--model times the PyTorch detector in float32: drop --backend / --dtype")
+    if args.dtype != "float32":
+        raise ValueError("--model times the detector in float32: drop --dtype")
     if args.preset is not None or args.kind is not None or args.keys is not None or args.queries is not None:
         raise ValueError("--model fixes the decoder and key count: drop --preset / --kind / --keys / --queries")
     apply_threads(args)
     if args.json:
         prepare_output_file(args.json, args.force, what="--json")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ("dense", "tggbc")
+    if args.backend != "torch":  # the whole detector exported (tggbc.export.detector), timed in that runtime
+        if args.device != "cpu":
+            raise ValueError(f"--backend {args.backend} runs on the CPU here; got --device {args.device}")
+        from .export.bench import run_model_backend_benchmark
+
+        results, info = run_model_backend_benchmark(
+            args.model, backend=args.backend, image_size=args.image_size, batch=args.batch, methods=methods,
+            r=args.r, n=args.n, k=args.k, warmup=args.warmup, runs=args.runs, seed=args.seed,
+            progress=not args.no_progress, threads=args.threads,
+        )  # fmt: skip
+        env = environment(args.backend, "cpu", "float32", args.batch, args.runs, args.warmup)
+        print(format_model_table(info, results, env))
+        if args.json:
+            write_json_atomic(args.json, results_payload(info, results, env))
+            print(f"wrote {args.json}")
+        return 0
     results, info = run_model_benchmark(
         args.model,
         image_size=args.image_size,

@@ -286,19 +286,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument(
-        "--data", required=True, type=existing_dir, metavar="DIR", help="dataroot written by `tggbc data synth`"
+        "--data", type=existing_dir, default=None, metavar="DIR", help="dataroot written by `tggbc data synth`"
     )
     parser.add_argument(
         "--weights",
         type=existing_file,
-        default=str(SHIPPED),
+        default=None,
         metavar="FILE",
-        help="detector weights (default: shipped)",
+        help="detector weights (default: shipped); with --model, the file `tggbc convert` wrote",
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma list of {', '.join(METHODS)} (default: all); each runs at every --fractions",
+        default=None,
+        help=f"comma list of {', '.join(METHODS)} (default: all); each runs at every --fractions "
+        "(with --model: dense and these, default dense,tggbc)",
     )
     parser.add_argument(
         "--fractions", default=",".join(f"{f:g}" for f in FRACTIONS), help="pruned fractions (default %(default)s)"
@@ -321,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_argument, default="cpu", help="cpu or cuda (default cpu)")
     add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ..nuscenes.published import add_model_arguments
+
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,6 +332,16 @@ def run(args: argparse.Namespace) -> int:
     from ..files import prepare_output_dir, write_json_atomic
     from .weights import load_detector
 
+    if args.model is not None:  # a published detector on nuScenes: tggbc.nuscenes.published
+        from ..nuscenes.published import run_model
+
+        small = {"--data": None, "--fractions": ",".join(f"{f:g}" for f in FRACTIONS), "--max-detections": None,
+                 "--resamples": 200}  # fmt: skip
+        return run_model(args, small)
+    if args.data is None:
+        raise ValueError("the following arguments are required: --data (or --model NAME for a published detector)")
+    args.weights = str(SHIPPED) if args.weights is None else args.weights
+    args.methods = ",".join(METHODS) if args.methods is None else args.methods
     apply_threads(args)
     decode = DecodeConfig() if args.max_detections is None else DecodeConfig(max_detections=args.max_detections)
     methods = parse_methods(args.methods)

@@ -260,3 +260,170 @@ def run_backend_benchmark(
 
     prune_ms = {m: share[m] * statistics.median(times[m]) for m in methods}
     return summarize(methods, times, prune_ms, peak, flops, keys_per_layer)
+
+
+# ------------------------------------------------------------------ whole detectors (`--model`)
+
+# Parts of a whole-detector graph, named after the module classes the exporter records on each node.
+_PART_CLASSES = {
+    "backbone": ("tggbc.models.resnet.ResNet", "tggbc.models.vovnet.VoVNet"),
+    "neck": ("tggbc.models.necks.CPFPN",),
+    "key_side": ("tggbc.models.position.StreamPETRPositionEmbedding",),
+    "decoder": (
+        "tggbc.models.streampetr.StreamPETRDecoder",
+        "tggbc.models.focalpetr.FocalPETRDecoder",
+        "tggbc.export.static.KeySelection",
+    ),
+}
+
+
+def _node_parts(path: str) -> dict[str, str]:
+    """{node name or output name: part} of a whole-detector graph (nodes of no listed part: "other").
+
+    Output names are included because ONNX Runtime renames the convolutions it moves to its
+    blocked layout after their outputs ("<output>_nchwc").
+    """
+    import onnx
+
+    parts = {}
+    for node in onnx.load(path, load_external_data=False).graph.node:
+        for prop in node.metadata_props:
+            if prop.key != "pkg.torch.onnx.class_hierarchy":
+                continue
+            for part, classes in _PART_CLASSES.items():
+                if any(c in prop.value for c in classes):
+                    parts[node.name] = part
+                    parts.update(dict.fromkeys(node.output, part))
+                    break
+    return parts
+
+
+def _part_shares(backend: str, path: str, feeds: dict, threads: int, workdir: str) -> dict[str, float]:
+    """Share of node time per part (backbone, neck, key_side, decoder, other) in one profiled run."""
+    parts = _node_parts(path)
+
+    def part_of(node_name: str) -> str:
+        # Runtimes keep the ONNX node names; ONNX Runtime names a fused node "<first node>/<fusion>/"
+        # and a convolution in its blocked layout "<output>_nchwc".
+        name = node_name.split("/", 1)[0]
+        return parts.get(name) or parts.get(name.removesuffix("_nchwc")) or "other"
+
+    spent = {p: 0.0 for p in (*_PART_CLASSES, "other")}
+    if backend == "onnxruntime":
+        run, session = _load(backend, path, threads, "float32", profile_prefix=os.path.join(workdir, "profile"))
+        run(feeds)
+        run(feeds)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        runs = [e for e in events if e.get("name") == "model_run"]
+        start = runs[-1]["ts"] if runs else 0
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+                spent[part_of(e["name"][: -len("_kernel_time")])] += e["dur"]
+    else:
+        run, request = _load(backend, path, threads, "float32", profile_prefix="openvino")
+        run(feeds)
+        run(feeds)
+        for info in request.profiling_info:
+            spent[part_of(info.node_name)] += info.real_time.total_seconds()
+    total = sum(spent.values())
+    return {p: (v / total if total else float("nan")) for p, v in spent.items()}
+
+
+def run_model_backend_benchmark(
+    name: str,
+    *,
+    backend: str = "onnxruntime",
+    image_size: tuple[int, int] | None = None,
+    batch: int = 1,
+    methods: tuple[str, ...] | None = None,
+    r=None,
+    n: int | None = None,
+    k: int | None = None,
+    warmup: int = 1,
+    runs: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+    workdir: str | None = None,
+    **sizes,
+):
+    """Whole-detector latency of exported dense and tgGBC graphs in ONNX Runtime or OpenVINO (CPU).
+
+    One published detector (random weights: latency does not depend on them) is exported twice
+    (`tggbc.export.detector`) and both graphs run on the same frame (a scene's first: empty memory),
+    their timed runs interleaved. Parts (backbone, neck, key side, decoder, other) come from one
+    profiled run per graph: each part's share of node time, times the median. OpenVINO renames the
+    convolutions it fuses with their batch norms, so with it their time counts as "other".
+
+    Returns:
+        (one tggbc.model_bench.ModelResult per method, the setting), as `run_model_benchmark`.
+    """
+    from ..model_bench import ModelResult
+    from ..models.detectors import build_detector
+    from .detector import ExportedDetector, consecutive_frames, detector_feeds, export_detector_onnx
+
+    methods = tuple(methods) if methods else GRAPH_METHODS
+    unknown = [m for m in methods if m not in GRAPH_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} for exported graphs; known: {', '.join(GRAPH_METHODS)}")
+    if warmup < 0 or runs < 1 or batch < 1:
+        raise ValueError(f"need warmup >= 0, runs >= 1, batch >= 1; got {warmup}, {runs}, {batch}")
+    _require_backend(backend)
+    threads = threads or torch.get_num_threads()
+    torch.manual_seed(seed)
+    if image_size is not None:
+        sizes["image_size"] = tuple(image_size)
+    detector = build_detector(name, pruner=None, **sizes).eval().requires_grad_(False)
+    config = detector.config
+    setting = dict(r=config.r if r is None else r, n=config.n if n is None else n, k=config.k if k is None else k)
+    graph_settings = {"dense": dict(r=0, n=setting["n"], k=setting["k"]), "tggbc": setting}
+    ExportedDetector(detector, **setting)  # r >= keys and the like fail before the exports
+    (frame,) = consecutive_frames(detector, 1, batch=batch, seed=seed)
+
+    bar = progress_bar(len(methods) + (warmup + runs) * len(methods), f"bench {backend} {config.name}", progress)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="tggbc-bench-") as tmp:
+        graphs, keys, feeds = {}, {}, {}
+        for m in methods:
+            path = os.path.join(tmp, f"{m}.onnx")
+            result = export_detector_onnx(detector, path, batch=batch, **graph_settings[m])
+            graphs[m], keys[m] = path, result.keys_per_layer
+            feeds[m] = detector_feeds(ExportedDetector(detector, **graph_settings[m]), frame, None)
+            bar.update(1)
+        shares = {m: _part_shares(backend, graphs[m], feeds[m], threads, tmp) for m in methods}
+        runners = {m: _load(backend, graphs[m], threads, "float32")[0] for m in methods}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for i in range(warmup + runs):
+            order = methods[i % len(methods) :] + methods[: i % len(methods)]
+            for m in order:
+                start = time.perf_counter()
+                runners[m](feeds[m])
+                elapsed = (time.perf_counter() - start) * 1e3
+                if i >= warmup:
+                    times[m].append(elapsed)
+                bar.update(1)
+        bar.close()
+        del runners
+
+    medians = {m: statistics.median(times[m]) for m in methods}
+    parts = {m: {p: shares[m][p] * medians[m] for p in shares[m]} for m in methods}
+    dense = medians.get("dense", float("nan"))
+    dense_decoder = parts["dense"]["decoder"] if "dense" in parts else float("nan")
+    results = [
+        ModelResult(
+            method=m,
+            median_ms=medians[m],
+            min_ms=min(times[m]),
+            max_ms=max(times[m]),
+            speedup=dense / medians[m],
+            parts_ms=parts[m],
+            decoder_share=shares[m]["decoder"],
+            decoder_speedup=dense_decoder / parts[m]["decoder"] if parts[m]["decoder"] > 0 else float("nan"),
+            keys_per_layer=keys[m],
+            times_ms=times[m],
+        )
+        for m in methods
+    ]
+    h, w = config.image_size
+    info = dict(model=config.name, image_size=[h, w], keys=config.num_keys, batch=batch, backend=backend, **setting)
+    return results, info

@@ -3,6 +3,8 @@
     tggbc export --preset streampetr-v2-99-1600x640 --out streampetr.onnx
     tggbc export --kind petr --keys 16896 --r 12000 --n 3 --k 175 --out petr.onnx --padded
     tggbc export --weights detector.safetensors --out detector.onnx --r 0.75
+    tggbc export --model stream_petr_r50_flash_704_bs2_seq_24e --weights streampetr_r50.safetensors \
+        --out streampetr_r50.onnx                        # the whole detector (tggbc.export.detector)
 
 After writing the file it is checked with onnx.checker and, unless --no-compare, run in ONNX
 Runtime on random inputs next to the eager PyTorch decoder; the largest output difference is
@@ -22,7 +24,14 @@ FP32_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_setting_arguments, add_threads_argument, existing_file, nonnegative_int, positive_int
+    from ..cli import (
+        add_setting_arguments,
+        add_threads_argument,
+        existing_file,
+        image_size_argument,
+        nonnegative_int,
+        positive_int,
+    )
 
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -33,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="a small-detector weights file from `tggbc train`: export its trained decoder (keys from its config)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="export a whole published detector (config name or alias); --weights is then its `tggbc convert` file",
+    )
+    parser.add_argument(
+        "--image-size", type=image_size_argument, default=None, metavar="HxW", help="with --model: input size"
+    )
+    parser.add_argument(
+        "--frames", type=positive_int, default=3, help="with --model: consecutive frames checked (default 3)"
     )
     parser.add_argument("--dense", action="store_true", help="export without tgGBC (r = 0)")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size the graph is built for")
@@ -90,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out {args.out}: give a file name ending in .onnx")
+    if args.model is not None:
+        return run_model(args)
+    if args.image_size is not None:
+        raise ValueError("--image-size is for --model (a whole detector)")
     prepare_output_file(args.out, args.force, what="--out")
     if args.weights is not None:
         if args.preset is not None or args.kind is not None:
@@ -148,5 +172,66 @@ def run(args: argparse.Namespace) -> int:
         print(f"  kept keys equal to PyTorch's: {same}")
     if result.dtype == "float32" and (cmp.max_abs_diff > FP32_TOLERANCE or cmp.kept_equal is False):
         print(f"tggbc export: error: the graph differs from PyTorch by more than {FP32_TOLERANCE:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """`tggbc export --model NAME`: the whole detector as one graph, checked over consecutive frames."""
+    import torch
+
+    from ..files import prepare_output_file
+    from ..models.checkpoint import load_converted
+    from ..models.detectors import build_detector
+    from .detector import compare_detector_onnx, consecutive_frames, export_detector_onnx
+    from .onnx import DEFAULT_OPSET
+
+    for option, value, default in (
+        ("--preset", args.preset, None), ("--kind", args.kind, None), ("--keys", args.keys, None),
+        ("--queries", args.queries, None), ("--padded", args.padded, False), ("--dtype", args.dtype, "float32"),
+        ("--all-layers", args.all_layers, False), ("--kept-keys", args.kept_keys, False),
+    ):  # fmt: skip
+        if value != default:
+            raise ValueError(f"{option} is for decoder graphs; --model exports the whole float32 detector")
+    prepare_output_file(args.out, args.force, what="--out")
+    torch.manual_seed(args.seed)
+    sizes = {} if args.image_size is None else {"image_size": tuple(args.image_size)}
+    detector = build_detector(args.model, pruner=None, **sizes)
+    if args.weights is not None:
+        load_converted(detector, args.weights)
+        what = f"weights {args.weights}"
+    else:
+        what = "random weights (pass --weights for a trained detector)"
+    config = detector.config
+    r = 0 if args.dense else (config.r if args.r is None else args.r)
+    n = config.n if args.n is None else args.n
+    k = config.k if args.k is None else args.k
+    result = export_detector_onnx(
+        detector, args.out, r=r, n=n, k=k, batch=args.batch, opset=args.opset or DEFAULT_OPSET,
+        optimize=args.optimize, verbose=args.verbose,
+    )  # fmt: skip
+    h, w = result.image_size
+    print(
+        f"wrote {result.path}: {config.name} ({what}), {w}x{h}, batch {args.batch}, {result.setting}\n"
+        f"  keys per layer {','.join(map(str, result.keys_per_layer))}; opset {result.opset}, float32, "
+        f"{result.size_mb:.1f} MB, {result.seconds:.1f} s; onnx.checker: ok\n"
+        f"  inputs:  {', '.join(result.input_names)}\n"
+        f"  outputs: {', '.join(result.output_names)}"
+    )
+    if args.no_compare:
+        return 0
+    frames = consecutive_frames(detector, args.frames, batch=args.batch, seed=args.seed)
+    cmp = compare_detector_onnx(result.path, detector, frames, r=r, n=n, k=k, threads=args.threads)
+    details = ", ".join(f"{key} {value:.1e}" for key, value in cmp.max_abs_diff.items())
+    print(
+        f"onnxruntime vs PyTorch over {cmp.frames} consecutive frames (float32, same inputs and memory): "
+        f"largest difference {cmp.max_scaled_diff:.1e} (relative beyond magnitude 1)\n  {details}"
+    )
+    if cmp.tied:
+        print(f"  {cmp.tied} box(es) or memory entries swapped across the top-k cut-off at scores tied within 1e-4")
+    if not cmp.passed(FP32_TOLERANCE):
+        what = f"{cmp.untied} boxes or memory entries differ" if cmp.untied else "outputs differ"
+        print(f"tggbc export: error: the graph differs from PyTorch ({what}; tolerance {FP32_TOLERANCE:g})",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0

@@ -41,7 +41,9 @@ __all__ = [
     "OPTIMIZE_LEVELS",
     "Comparison",
     "ExportResult",
+    "check_opset",
     "compare_onnx",
+    "export_module",
     "export_onnx",
     "graph_feeds",
     "onnxruntime_session",
@@ -167,14 +169,7 @@ def export_onnx(
     # Fail on a bad setting (r >= keys, ...) before the slow imports and the copy.
     layout = dict(padded=padded, queries=queries, all_layers=all_layers, kept_keys=kept_keys)
     exported = ExportedDecoder(decoder, r, n, k, num_keys=num_keys, **layout)
-    onnx = require("onnx")
-    require("onnxscript", purpose="torch's ONNX exporter (dynamo=True)")
-    newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(
-            f"opset must be an int in [{MIN_OPSET}, {newest}] (torch's exporter writes opset {MIN_OPSET} or newer; "
-            f"this onnx knows up to {newest}), got {opset!r}"
-        )
+    check_opset(opset)
 
     torch_dtype = DTYPES[dtype]
     copied = copy.deepcopy(decoder).eval().requires_grad_(False).to(torch_dtype)
@@ -184,23 +179,6 @@ def export_onnx(
         inputs.update(example_queries(copied, batch, torch_dtype))
     args = exported.flatten_inputs(inputs)
 
-    start = time.perf_counter()
-    with _quiet(verbose), torch.no_grad():
-        program = torch.onnx.export(
-            exported,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=exported.input_names,
-            output_names=exported.output_names,
-            optimize=optimize == "full",
-            verbose=verbose,
-            external_data=False,
-        )
-        if optimize == "light":
-            _light_optimize(program.model)
-    model = program.model_proto
-    _slices_to_gathers(model)
     meta = {
         "tggbc.kind": type(decoder).__name__,
         "tggbc.setting": f"r={r} n={n} k={k}",
@@ -209,15 +187,17 @@ def export_onnx(
         "tggbc.keys_per_layer": ",".join(map(str, exported.keys_per_layer)),
         "tggbc.dtype": dtype,
     }
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model, full_check=True)
-    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if written != opset:
-        raise ValueError(f"asked for opset {opset}, but the exporter wrote opset {written}: pass --opset {written}")
-    path = os.fspath(write_atomic(path, lambda tmp: onnx.save(model, tmp)))  # never a half-written graph
-    seconds = time.perf_counter() - start
+    path, seconds = export_module(
+        exported,
+        args,
+        path,
+        input_names=exported.input_names,
+        output_names=exported.output_names,
+        opset=opset,
+        optimize=optimize,
+        verbose=verbose,
+        metadata=meta,
+    )
     return ExportResult(
         path=path,
         kind=type(decoder).__name__,
@@ -232,6 +212,70 @@ def export_onnx(
         seconds=seconds,
         size_mb=os.path.getsize(path) / 2**20,
     )
+
+
+def check_opset(opset: int) -> None:
+    """Raise ValueError unless torch's exporter can write `opset` with the installed onnx."""
+    onnx = require("onnx")
+    require("onnxscript", purpose="torch's ONNX exporter (dynamo=True)")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(
+            f"opset must be an int in [{MIN_OPSET}, {newest}] (torch's exporter writes opset {MIN_OPSET} or newer; "
+            f"this onnx knows up to {newest}), got {opset!r}"
+        )
+
+
+def export_module(
+    module: torch.nn.Module,
+    args: tuple,
+    path: str | os.PathLike,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+    optimize: str = "light",
+    verbose: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> tuple[str, float]:
+    """Trace `module(*args)` with torch's exporter (dynamo=True) into one checked ONNX file.
+
+    Every shape is static (those of `args`). The graph is cleaned up (`optimize`, see `export_onnx`),
+    checked by onnx.checker, tagged with `metadata` and written atomically (weights inside the file).
+
+    Returns:
+        (the path written, seconds taken).
+    """
+    if optimize not in OPTIMIZE_LEVELS:
+        raise ValueError(f"optimize must be one of {list(OPTIMIZE_LEVELS)}, got {optimize!r}")
+    check_opset(opset)
+    onnx = require("onnx")
+    start = time.perf_counter()
+    with _quiet(verbose), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            optimize=optimize == "full",
+            verbose=verbose,
+            external_data=False,
+        )
+        if optimize == "light":
+            _light_optimize(program.model)
+    model = program.model_proto
+    _slices_to_gathers(model)
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model, full_check=True)
+    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ValueError(f"asked for opset {opset}, but the exporter wrote opset {written}: pass --opset {written}")
+    path = os.fspath(write_atomic(path, lambda tmp: onnx.save(model, tmp)))  # never a half-written graph
+    return path, time.perf_counter() - start
 
 
 def _light_optimize(model) -> None:

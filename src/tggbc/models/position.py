@@ -314,7 +314,12 @@ class StreamPETRPositionEmbedding(nn.Module):
         )
 
     def forward(
-        self, img_feats: Tensor, lidar2img: Tensor, intrinsics: Tensor, pad_shape: tuple[int, int]
+        self,
+        img_feats: Tensor,
+        lidar2img: Tensor,
+        intrinsics: Tensor,
+        pad_shape: tuple[int, int],
+        img2lidar: Tensor | None = None,
     ) -> DecoderKeys:
         """Decoder keys of one frame.
 
@@ -323,6 +328,9 @@ class StreamPETRPositionEmbedding(nn.Module):
             lidar2img: [B, N, 4, 4] lidar-to-image projection of each camera.
             intrinsics: [B, N, 3 or 4, 3 or 4] camera matrices (only fx, fy are read).
             pad_shape: (pad_h, pad_w) of the padded input images.
+            img2lidar: [B, N, 4, 4] its inverse if already computed, else None (the float32
+                inverse of lidar2img). An exported graph takes it as an input: ONNX has no
+                matrix inverse.
         Returns:
             DecoderKeys with key_padding_mask and outside_range None (StreamPETR uses no mask).
         """
@@ -338,8 +346,13 @@ class StreamPETRPositionEmbedding(nn.Module):
         rows = (torch.arange(0, s * h, s, dtype=torch.float32, device=device) + s // 2) / pad_h * pad_h
         v, u = torch.meshgrid(rows, cols, indexing="ij")  # (H, W)
         points = frustum_points(u.flatten(), v.flatten(), self.depths.float())  # (H*W, D, 4)
-        img2lidar = torch.linalg.inv(lidar2img.float())
-        coords = _to_lidar(img2lidar, points, self.position_range.float())  # (B, N, H*W, D, 3)
+        if img2lidar is None:
+            img2lidar = torch.linalg.inv(lidar2img.float())
+        elif tuple(img2lidar.shape) != tuple(lidar2img.shape):
+            raise ValueError(
+                f"img2lidar must have lidar2img's shape {tuple(lidar2img.shape)}, got {tuple(img2lidar.shape)}"
+            )
+        coords = _to_lidar(img2lidar.float(), points, self.position_range.float())  # (B, N, H*W, D, 3)
         coords = coords.reshape(b, n * h * w, 3 * self.depth_num)  # depth-major, xyz-minor
         pos = self.position_encoder(inverse_sigmoid(coords).to(dtype))  # (B, Nk, E)
 
