@@ -20,6 +20,7 @@ from tggbc.models import (
     convert_petr_state_dict,
     convert_streampetr_state_dict,
 )
+from tggbc.models.state import rigid_inverse
 
 E, H, FFN, LAYERS, QUERIES = 32, 4, 64, 3, 24
 PROPAGATED, MEMORY = 8, 24
@@ -108,8 +109,12 @@ def stream_frames(count=3):
         pose[:, :3, 3] = torch.randn(B, 3, generator=g) * 5 + torch.tensor([600.0, 1600.0, 0.0])
         timestamp = torch.tensor([1.5e9 + 0.5 * f, 1.6e9 + 0.5 * f], dtype=torch.float64)
         prev_exists = torch.tensor(prev)
-        data = dict(prev_exists=prev_exists, timestamp=timestamp, ego_pose=pose, ego_pose_inv=torch.linalg.inv(pose))
-        ours = dict(ego_pose=pose, timestamp=timestamp, prev_exists=None if f == 0 else prev_exists)
+        # The data pipeline's rigid inverse, given to both sides (tggbc computes the same when none is given).
+        inverse = rigid_inverse(pose).float()
+        data = dict(prev_exists=prev_exists, timestamp=timestamp, ego_pose=pose, ego_pose_inv=inverse)
+        ours = dict(
+            ego_pose=pose, ego_pose_inv=inverse, timestamp=timestamp, prev_exists=None if f == 0 else prev_exists
+        )
         frames.append((memory, pos, data, ours))
     return frames
 
