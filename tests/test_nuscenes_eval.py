@@ -17,7 +17,7 @@ from nuscenes_data import synth_dataset  # noqa: E402
 from tggbc.data import list_frames  # noqa: E402
 from tggbc.models.detectors import SceneStream, build_detector  # noqa: E402
 from tggbc.nuscenes.distributed import assign_scenes  # noqa: E402
-from tggbc.nuscenes.published import EvalSetting, SceneRunner, model_settings  # noqa: E402
+from tggbc.nuscenes.published import SceneRunner, model_settings  # noqa: E402
 from tggbc.nuscenes.reader import ImageNormalization, NuScenesFrames, frame_loader, open_nuscenes, sample_records  # noqa: E402
 from tggbc.nuscenes.submission import (  # noqa: E402
     ATTRIBUTE_NAMES,
@@ -26,7 +26,11 @@ from tggbc.nuscenes.submission import (  # noqa: E402
     original_attribute,
     submission_entries,
 )
-from tggbc.pruner import KeyPruner, pruning  # noqa: E402
+from tggbc.pruner import (  # noqa: E402
+    KeyPruner,
+    Setting,  # noqa: E402
+    pruning,
+)
 
 Q90 = [math.cos(math.pi / 4), 0.0, 0.0, math.sin(math.pi / 4)]  # 90 degrees about +z
 
@@ -121,9 +125,9 @@ def test_model_settings():
 
     config = published_config("streampetr-v2-99-1600x640")
     dense, tggbc = model_settings(config)
-    assert dense == EvalSetting("dense") and tggbc == EvalSetting("tggbc", "tggbc", r=21000, n=1, k=175)
+    assert dense == Setting("dense") and tggbc == Setting("tggbc", "tggbc", r=21000, n=1, k=175)
     (random,) = model_settings(config, ["random"], r=0.5, k=40)
-    assert random == EvalSetting("random", "random", r=0.5, n=1, k=40)
+    assert random == Setting("random", "random", r=0.5, n=1, k=40)
     with pytest.raises(ValueError, match="distinct names"):
         model_settings(config, ["dense", "prune"])
 
@@ -143,7 +147,7 @@ def test_runner_equals_the_detectors_own_scene_loop(name):
     detector = build_detector(name, pruner=None, image_size=(64, 160), **TINY).requires_grad_(False)
     records = sample_records(open_nuscenes(synth_dataset(), "v1.0-trainval"), "val")[:4]  # a scene and a bit
     dataset = NuScenesFrames(records, (64, 160), ImageNormalization.of(detector.config))
-    settings = [EvalSetting("dense"), EvalSetting("tggbc", "tggbc", r=0.75, n=1, k=6)]
+    settings = [Setting("dense"), Setting("tggbc", "tggbc", r=0.75, n=1, k=6)]
     runner = SceneRunner(detector, settings)
     streams = {s.name: SceneStream(detector) for s in settings}
     scene = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -16,10 +17,11 @@ from torch import Tensor
 from .baselines import attention_importance_uniform, merge_keys, random_importance
 from .prune import gather_keys, key_importance, prune_schedule, select_keys
 
-__all__ = ["KeyPruner", "PrunedKeys", "METHODS", "pruning"]
+__all__ = ["KeyPruner", "PrunedKeys", "METHODS", "DENSE", "Setting", "pruning"]
 
 # tgGBC and the controls it is measured against (see `tggbc.baselines`).
 METHODS = ("tggbc", "random", "inverse", "attention", "merge")
+DENSE = "dense"  # the name of the decoder without pruning in every benchmark
 
 
 class PrunedKeys(NamedTuple):
@@ -229,3 +231,22 @@ def pruning(decoder, pruner: KeyPruner | None = ..., attention: str | None = Non
         yield decoder
     finally:
         decoder.pruner, decoder.attention = saved
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One named decoder setting of a benchmark: method None is the dense decoder, else a
+    KeyPruner method at (r, n, k). `fraction` is the share of keys dropped, for tables and plots."""
+
+    name: str
+    method: str | None = None
+    r: int | float | list[int] = 0
+    n: int = 1
+    k: int = -1
+    fraction: float = 0.0
+
+    def pruner(self, seed: int = 0) -> KeyPruner | None:
+        return None if self.method is None else KeyPruner(r=self.r, n=self.n, k=self.k, method=self.method, seed=seed)
+
+    def describe(self) -> str:
+        return DENSE if self.method is None else f"{self.method} r={self.r} n={self.n} k={self.k}"

@@ -19,29 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pruner import METHODS, KeyPruner, pruning
+from ..pruner import DENSE, METHODS, Setting, pruning
 from .config import DecodeConfig
 from .model import Detector
 
-DENSE = "dense"  # the decoder without pruning
 # The pruned fractions of the accuracy curve.
 FRACTIONS = (0.5, 0.75, 0.875, 0.95, 0.99)
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "detector.safetensors"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One decoder configuration: method None = the dense (unpruned) decoder."""
-
-    name: str
-    method: str | None = None
-    r: int | float | list[int] = 0
-    n: int = 1
-    k: int = -1
-    fraction: float = 0.0  # of the keys dropped in all (for tables and plots)
-
-    def pruner(self, seed: int = 0) -> KeyPruner | None:
-        return None if self.method is None else KeyPruner(r=self.r, n=self.n, k=self.k, method=self.method, seed=seed)
 
 
 def settings_for(methods: list[str], fractions: list[float], k: int, n: int = 1) -> list[Setting]:

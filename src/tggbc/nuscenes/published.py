@@ -44,13 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pruner import METHODS, KeyPruner, pruning
+from ..pruner import DENSE, METHODS, Setting, pruning
 from .distributed import Shard, agree, assign_scenes, barrier
 
 __all__ = [
     "DENSE",
     "DEFAULT_METHODS",
-    "EvalSetting",
     "SceneRunner",
     "SettingScore",
     "add_model_arguments",
@@ -60,7 +59,6 @@ __all__ = [
     "run_model",
 ]
 
-DENSE = "dense"
 DEFAULT_METHODS = (DENSE, "tggbc")
 RUN_FILE, RECORDS_FILE, RESULTS_FILE = "run.json", "records.json", "results.json"
 SCENES_DIR, SUBMISSION_FILE, SUMMARY_FILE = "scenes", "results_nusc.json", "metrics_summary.json"
@@ -70,23 +68,6 @@ TP_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel
 
 
 # ------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class EvalSetting:
-    """One decoder setting: method None is the dense decoder; else a KeyPruner method at (r, n, k)."""
-
-    name: str
-    method: str | None = None
-    r: int | float | list[int] = 0
-    n: int = 1
-    k: int = -1
-
-    def pruner(self, seed: int = 0) -> KeyPruner | None:
-        return None if self.method is None else KeyPruner(r=self.r, n=self.n, k=self.k, method=self.method, seed=seed)
-
-    def describe(self) -> str:
-        return "dense" if self.method is None else f"r={self.r} n={self.n} k={self.k}"
 
 
 def model_settings(config, methods=DEFAULT_METHODS, r=None, n: int | None = None, k: int | None = None):
@@ -104,7 +85,7 @@ def model_settings(config, methods=DEFAULT_METHODS, r=None, n: int | None = None
     r = config.r if r is None else r
     n = config.n if n is None else n
     k = config.k if k is None else k
-    return [EvalSetting(m) if m == DENSE else EvalSetting(m, m, r=r, n=n, k=k) for m in methods]
+    return [Setting(m) if m == DENSE else Setting(m, m, r=r, n=n, k=k) for m in methods]
 
 
 # ------------------------------------------------------------------ running the detector
@@ -131,11 +112,11 @@ class SceneRunner:
 
     Args:
         detector: a PETRFamilyDetector (eval mode, on its device).
-        settings: EvalSettings (names unique).
+        settings: Settings (names unique).
         seed: of the random control.
     """
 
-    def __init__(self, detector, settings: list[EvalSetting], seed: int = 0):
+    def __init__(self, detector, settings: list[Setting], seed: int = 0):
         names = [s.name for s in settings]
         if len(set(names)) != len(names):
             raise ValueError(f"setting names must be unique, got {names}")
@@ -204,7 +185,7 @@ def _scene_path(out: Path, scene_name: str) -> Path:
     return out / SCENES_DIR / f"{scene_name}.npz"
 
 
-def _save_scene(path: Path, samples: list[str], settings: list[EvalSetting], collected: dict) -> None:
+def _save_scene(path: Path, samples: list[str], settings: list[Setting], collected: dict) -> None:
     """One finished scene: per setting the global boxes of all its frames, frame times and keys."""
     from ..files import write_atomic
 
@@ -220,7 +201,7 @@ def _save_scene(path: Path, samples: list[str], settings: list[EvalSetting], col
     write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def _load_scene(path: Path, samples: list[str], settings: list[EvalSetting]) -> dict:
+def _load_scene(path: Path, samples: list[str], settings: list[Setting]) -> dict:
     """A scene file back as {setting: {field: array}}; a damaged or foreign file is an error naming it."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -405,7 +386,7 @@ def evaluate_model(
     *,
     version: str,
     split: str = "val",
-    settings: list[EvalSetting],
+    settings: list[Setting],
     out,
     weights=None,
     workers: int = 4,
