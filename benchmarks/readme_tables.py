@@ -87,7 +87,9 @@ def accuracy(path: Path = DOCS / "eval" / "results.json") -> str:
     results = d["results"]
     dense = next(r for r in results if r["method"] is None)
     fractions = sorted({r["fraction"] for r in results if r["method"]})
-    methods = [m for m in ("tggbc", "attention", "merge", "random", "inverse") if any(r["method"] == m for r in results)]
+    methods = [
+        m for m in ("tggbc", "attention", "merge", "random", "inverse") if any(r["method"] == m for r in results)
+    ]
     rows = [
         f"Dense decoder: mAP {dense['mAP']:.4f}, NDS {dense['NDS']:.4f}, {dense['decoder_ms']:.1f} ms. "
         "Each cell: mAP points lost against dense [95% interval].",
