@@ -199,6 +199,10 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
         assert 0.0 <= r.mAP <= 1.0 and 0.0 <= r.NDS <= 1.0
         if r.mAP_diff is not None:
             assert r.mAP_diff.low <= r.mAP_diff.high
+    # Only a control carries its paired comparison with tgGBC at the same budget.
+    assert results[0].mAP_vs_tggbc is None and results[1].mAP_vs_tggbc is None
+    vs = results[2].mAP_vs_tggbc
+    assert vs.value == pytest.approx(results[2].mAP - results[1].mAP, abs=1e-12) and vs.low <= vs.high
 
 
 def test_feature_cache_is_reused_and_matches_the_backbone(dataset):

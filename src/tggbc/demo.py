@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
     from .cli import apply_threads, preset_title
     from .data.frames import list_frames
-    from .detector.evaluate import evaluate, format_results, settings_for, to_json
+    from .detector.evaluate import evaluate, format_controls, format_results, settings_for, to_json
     from .detector.plots import plot_accuracy_curve, plot_kept_keys
     from .detector.weights import load_detector
     from .files import prepare_output_dir, write_json_atomic
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nAccuracy on {args.scenes} held-out scenes: keys dropped after layer 1, k={cfg.default_k} voting queries.")
     print("Differences from dense with 95% intervals from 200 scene resamples; an interval holding 0 is a tie.")
     print(format_results(results))
+    print("\nEach control's mAP minus tgGBC's at the same budget [paired 95% interval]:")
+    print(format_controls(results))
     print("\nThe dense decoder's boxes after each layer: what the layers after the pruning point add.")
     print(format_results(layers, timing=False))
     curve = plot_accuracy_curve(results, out / "accuracy_curve.png")

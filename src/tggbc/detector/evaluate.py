@@ -65,6 +65,8 @@ class SettingResult:
     keys_per_layer: list[int]
     mAP_diff: Interval | None = None  # this minus dense, with its interval
     NDS_diff: Interval | None = None
+    # A control's mAP minus tgGBC's at the same budget (paired resamples): is tgGBC's selection better?
+    mAP_vs_tggbc: Interval | None = None
     class_ap: dict[str, float] = field(default_factory=dict)
     threshold_ap: dict[str, float] = field(default_factory=dict)
 
@@ -168,16 +170,21 @@ def score_settings(
         scored[s.name] = metrics(gt, matches)
         if weights is not None:
             boot[s.name] = np.array([[m["mAP"], m["NDS"]] for m in (metrics(gt, matches, w) for w in weights)])
-    base = scored[DENSE]
+    def paired(name: str, reference: str, column: int) -> Interval:
+        delta = boot[name][:, column] - boot[reference][:, column]  # the same resamples: paired differences
+        low, high = np.percentile(delta, [2.5, 97.5])
+        metric = ("mAP", "NDS")[column]
+        return Interval(scored[name][metric] - scored[reference][metric], float(low), float(high))
+
+    tggbc_at = {s.fraction: s.name for s in settings if s.method == "tggbc"}
     out = []
     for s in settings:
         m = scored[s.name]
-        diffs = [None, None]
+        diffs = [None, None, None]
         if weights is not None and s.name != DENSE:
-            delta = boot[s.name] - boot[DENSE]  # (resamples, 2): paired differences
-            for i, metric in enumerate(("mAP", "NDS")):
-                low, high = np.percentile(delta[:, i], [2.5, 97.5])
-                diffs[i] = Interval(m[metric] - base[metric], float(low), float(high))
+            diffs[:2] = paired(s.name, DENSE, 0), paired(s.name, DENSE, 1)
+            if s.method not in (None, "tggbc") and s.fraction in tggbc_at:
+                diffs[2] = paired(s.name, tggbc_at[s.fraction], 0)
         out.append(
             SettingResult(
                 name=s.name,
@@ -193,6 +200,7 @@ def score_settings(
                 keys_per_layer=keys_seen[s.name],
                 mAP_diff=diffs[0],
                 NDS_diff=diffs[1],
+                mAP_vs_tggbc=diffs[2],
                 class_ap=m["class_ap"],
                 threshold_ap=m["threshold_ap"],
             )
@@ -215,6 +223,19 @@ def format_results(results: list[SettingResult], timing: bool = True) -> str:
         if timing:
             row += f" {r.decoder_ms:>7.1f} {dense_ms / r.decoder_ms:>5.2f}x  {','.join(map(str, r.keys_per_layer))}"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def format_controls(results: list[SettingResult]) -> str:
+    """Each control's mAP minus tgGBC's at the same budget, with its paired 95% interval and the
+    verdict it supports: an interval holding 0 is a tie."""
+    lines = []
+    for r in results:
+        d = r.mAP_vs_tggbc
+        if d is None:
+            continue
+        verdict = "tie" if d.low <= 0.0 <= d.high else ("tgGBC better" if d.high < 0.0 else "control better")
+        lines.append(f"{r.name:<16} {d.value:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  {verdict}")
     return "\n".join(lines)
 
 
@@ -343,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
     results, layers = evaluate(model, args.data, settings, split=args.split, decode=decode,
                                resamples=args.resamples, seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(format_results(results))
+    controls = format_controls(results)
+    if controls:
+        print("\nEach control's mAP minus tgGBC's at the same budget [paired 95% interval]:")
+        print(controls)
     print("\nThe dense decoder's boxes after each layer (difference from its last layer):")
     print(format_results(layers, timing=False))
     payload = {
@@ -358,6 +383,15 @@ def run(args: argparse.Namespace) -> int:
     }
     write_json_atomic(out / "results.json", payload)
     print(f"wrote {out / 'results.json'}")
+    if len({r.fraction for r in results if r.method is not None}) > 1:  # a curve needs two points
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # an optional dependency
+            print("matplotlib is not installed: no accuracy_curve.png")
+        else:
+            from .plots import plot_accuracy_curve
+
+            print(f"wrote {plot_accuracy_curve(results, out / 'accuracy_curve.png')}")
     return 0
 
 

@@ -10,6 +10,8 @@ whole split the result equals `DetectionEval` (tests/test_nuscenes_scoring.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +90,8 @@ class GroundTruth:
 
             version = read_meta(dataroot)["version"]
         nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-        gt = load_gt(nusc, split, DetectionBox, verbose=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # the devkit's unlabelled bar, even when not verbose
+            gt = load_gt(nusc, split, DetectionBox, verbose=False)
         gt = filter_eval_boxes(nusc, add_center_dist(nusc, gt), config.class_range, verbose=False)
         tokens = list(gt.sample_tokens)
         index = {t: i for i, t in enumerate(tokens)}
