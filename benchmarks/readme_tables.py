@@ -1,7 +1,7 @@
 """Print the README's result tables as Markdown, from the JSON the commands wrote under docs/.
 
     python benchmarks/readme_tables.py            # every table
-    python benchmarks/readme_tables.py accuracy   # one of: speed, onnx, model, accuracy, layers
+    python benchmarks/readme_tables.py accuracy   # one of: speed, onnx, model, accuracy, controls, goals, layers
 
 The tables are copied into README.md by hand; this keeps every figure there traceable to a file.
 """
@@ -104,6 +104,42 @@ def accuracy(path: Path = DOCS / "eval" / "results.json") -> str:
     return "\n".join(rows)
 
 
+def controls(path: Path = DOCS / "eval" / "results.json") -> str:
+    """Each control's mAP minus tgGBC's at the same budget, in points, with the paired interval."""
+    results = load(path)["results"]
+    fractions = sorted({r["fraction"] for r in results if r["method"]})
+    methods = [m for m in ("attention", "merge", "random", "inverse") if any(r["method"] == m for r in results)]
+    rows = ["| keys dropped | " + " | ".join(f"{m} - tgGBC" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for f in fractions:
+        cells = {r["method"]: r for r in results if r["fraction"] == f and r["method"]}
+        rows.append(f"| {100 * f:g}% | " + " | ".join(_interval(cells[m].get("mAP_vs_tggbc")) for m in methods) + " |")
+    return "\n".join(rows)
+
+
+def goals(path: Path = DOCS / "eval" / "results.json") -> str:
+    """The accuracy issue's goals, each with the measured figure and whether it is met."""
+    results = load(path)["results"]
+    dense = next(r for r in results if r["method"] is None)
+    at = {r["method"]: r for r in results if r["fraction"] == 0.875 and r["method"]}
+    tg, rnd, inv = at["tggbc"], at["random"], at["inverse"]
+    tg_loss, rnd_loss, inv_loss = (
+        -100 * tg["mAP_diff"]["value"],
+        -100 * rnd["mAP_diff"]["value"],
+        -100 * inv["mAP_diff"]["value"],
+    )
+    checks = [
+        ("dense mAP >= 0.30", f"{dense['mAP']:.4f}", dense["mAP"] >= 0.30),
+        ("tgGBC 87.5%: mAP lost <= 1.0 point", f"{tg_loss:.2f}", tg_loss <= 1.0),
+        ("tgGBC 87.5%: NDS lost <= 0.01", f"{-tg['NDS_diff']['value']:.4f}", -tg["NDS_diff"]["value"] <= 0.01),
+        ("random loses >= 3x tgGBC's mAP", f"{rnd_loss:.2f} vs 3 x {tg_loss:.2f}", rnd_loss >= 3 * tg_loss),
+        ("random loses >= 1 point", f"{rnd_loss:.2f}", rnd_loss >= 1.0),
+        ("inverse loses more than random", f"{inv_loss:.2f} vs {rnd_loss:.2f}", inv_loss > rnd_loss),
+    ]
+    rows = ["| goal (87.5% of keys dropped after layer 1) | measured | met |", "|---|---|---|"]
+    rows += [f"| {goal} | {value} | {'yes' if ok else '**no**'} |" for goal, value, ok in checks]
+    return "\n".join(rows)
+
+
 def layers(path: Path = DOCS / "eval" / "results.json") -> str:
     d = load(path)
     rows = ["| dense decoder, boxes after layer | mAP | NDS | mAP vs layer 6 [95% interval] |", "|---|---|---|---|"]
@@ -112,7 +148,15 @@ def layers(path: Path = DOCS / "eval" / "results.json") -> str:
     return "\n".join(rows)
 
 
-TABLES = {"speed": speed, "onnx": onnx, "model": model, "accuracy": accuracy, "layers": layers}
+TABLES = {
+    "speed": speed,
+    "onnx": onnx,
+    "model": model,
+    "accuracy": accuracy,
+    "controls": controls,
+    "goals": goals,
+    "layers": layers,
+}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(TABLES)

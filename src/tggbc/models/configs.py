@@ -121,6 +121,14 @@ PUBLISHED_CONFIGS: dict[str, PublishedConfig] = {
             **_R50,
             **_TGGBC,
         ),
+        PublishedConfig(  # the 24e model trained for 90 epochs: the R50 checkpoint the repository publishes
+            "stream_petr_r50_flash_704_bs2_seq_90e",
+            "StreamPETRHead",
+            roi_head=True,
+            source=_STREAM + "StreamPETR/stream_petr_r50_flash_704_bs2_seq_90e.py",
+            **_R50,
+            **_TGGBC,
+        ),
         PublishedConfig(
             "stream_petr_r50_flash_704_bs2_seq_428q_nui_24e",
             "StreamPETRHead",
