@@ -186,6 +186,15 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
         train([dataset], run, more, init=init, config=TINY, resume=True, progress=False)
     train([dataset], run, cfg, init=init, config=TINY, resume=True, progress=False)  # done: nothing more to do
     assert len((run / "loss.csv").read_text().splitlines()) == 5
+    # Stopped early (--stop-at) and resumed, a run ends with the uninterrupted run's weights.
+    split = tmp_path / "split"
+    torch.manual_seed(0)
+    train([dataset], split, cfg, init=init, config=TINY, stop_at=2, progress=False)
+    assert len((split / "loss.csv").read_text().splitlines()) == 3
+    train([dataset], split, cfg, init=init, config=TINY, resume=True, progress=False)
+    again = load_detector(split / "detector.safetensors")
+    for name, t in trained.state_dict().items():
+        assert torch.equal(t, again.state_dict()[name]), name
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train([dataset], tmp_path / "fresh", cfg, init=init, config=TINY, resume=True, progress=False)
 

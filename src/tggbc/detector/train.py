@@ -140,6 +140,7 @@ def train(
     config: DetectorConfig = DetectorConfig(),
     resume: bool = False,
     minutes: float | None = None,
+    stop_at: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Path:
@@ -147,7 +148,11 @@ def train(
 
     `cfg` is the recipe (default: `TrainConfig()`); `overrides` sets some of its fields. A resumed
     run keeps the recipe its checkpoint stores: a `cfg` or `overrides` that differ are refused.
+    `minutes` and `stop_at` end the run early (after that wall time, or once `stop_at` iterations
+    are done) with a checkpoint, leaving the recipe and its learning-rate schedule as they are.
     """
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop-at must be a positive iteration, got {stop_at}")
     out = Path(out)
     checkpoint_path = out / CHECKPOINT_NAME
     overrides = dict(overrides or {})
@@ -231,6 +236,9 @@ def train(
     iteration = start
     with open(log_path, "a") as log:
         while iteration < cfg.iterations:
+            if stop_at is not None and iteration >= stop_at:
+                print(f"stopped at iteration {iteration} (--stop-at)")
+                break
             if minutes is not None and time.time() - began > minutes * 60:
                 print(f"time budget of {minutes} min reached at iteration {iteration}")
                 break
@@ -322,6 +330,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="stop cleanly, checkpoint written, after this wall time",
     )
+    parser.add_argument(
+        "--stop-at",
+        type=positive_int,
+        default=None,
+        metavar="ITERATION",
+        help="stop cleanly, checkpoint written, once this many iterations are done (the schedule unchanged)",
+    )
     parser.add_argument("--device", type=device_argument, default="cpu", help="cpu or cuda (default cpu)")
     add_threads_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -333,6 +348,6 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     given = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "seed") if getattr(args, k) is not None}
     weights = train(args.data, args.out, overrides=given, init=args.init, resume=args.resume, minutes=args.minutes,
-                    device=args.device, progress=not args.quiet)  # fmt: skip
+                    stop_at=args.stop_at, device=args.device, progress=not args.quiet)  # fmt: skip
     print(f"weights: {weights}")
     return 0
