@@ -92,9 +92,9 @@ def accuracy(path: Path = DOCS / "eval" / "results.json") -> str:
     ]
     rows = [
         f"Dense decoder: mAP {dense['mAP']:.4f}, NDS {dense['NDS']:.4f}, {dense['decoder_ms']:.1f} ms. "
-        "Each cell: mAP points lost against dense [95% interval].",
+        "Each cell: mAP change against dense, in points [95% interval].",
         "",
-        "| keys dropped after layer 1 | " + " | ".join(methods) + " | tgGBC NDS lost (x100) | decoder ms (tgGBC) |",
+        "| keys dropped after layer 1 | " + " | ".join(methods) + " | tgGBC NDS change (x100) | decoder ms (tgGBC) |",
         "|---|" + "---|" * (len(methods) + 2),
     ]
     for f in fractions:
