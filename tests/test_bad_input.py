@@ -229,6 +229,8 @@ def test_interrupting_data_synth_stops_its_workers_and_leaves_nothing(tmp_path):
         [sys.executable, "-m", "tggbc.cli", "data", "synth", "--out", str(out), "--scenes", "40", "--workers", "2",
          "--width", "176", "--height", "64", "--quiet"],
         stderr=subprocess.PIPE, text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then installs no handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     children: set[int] = set()
     deadline = time.time() + 60
