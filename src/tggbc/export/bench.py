@@ -83,6 +83,28 @@ def _load(backend: str, path: str, threads: int, dtype: str, profile_prefix: str
     return (lambda feeds: request.infer(feeds)), request
 
 
+def _profiled_node_times(backend: str, path: str, feeds: dict, threads: int, dtype: str, workdir: str):
+    """(node name as the runtime reports it, time) of every node in one profiled run after a warm-up
+    run. Times are in the runtime's unit (microseconds or seconds): callers take shares."""
+    if backend == "onnxruntime":
+        run, session = _load(backend, path, threads, dtype, profile_prefix=os.path.join(workdir, "profile"))
+        run(feeds)
+        run(feeds)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        runs = [e for e in events if e.get("name") == "model_run"]
+        start = runs[-1]["ts"] if runs else 0
+        return [
+            (e["name"][: -len("_kernel_time")], e["dur"])
+            for e in events
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start
+        ]
+    run, request = _load(backend, path, threads, dtype, profile_prefix="openvino")
+    run(feeds)
+    run(feeds)
+    return [(info.node_name, info.real_time.total_seconds()) for info in request.profiling_info]
+
+
 def _prune_share(backend: str, path: str, feeds: dict, threads: int, dtype: str, workdir: str) -> float:
     """Share of node time spent in tgGBC's own nodes, from one profiled run after a warm-up run."""
     import onnx
@@ -95,32 +117,9 @@ def _prune_share(backend: str, path: str, feeds: dict, threads: int, dtype: str,
         # Runtimes keep the ONNX node names; ONNX Runtime names a fused node "<first node>/<fusion>/".
         return node_name in names or node_name.split("/", 1)[0] in names
 
-    if backend == "onnxruntime":
-        run, session = _load(backend, path, threads, dtype, profile_prefix=os.path.join(workdir, "profile"))
-        run(feeds)
-        run(feeds)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-        runs = [e for e in events if e.get("name") == "model_run"]
-        start = runs[-1]["ts"] if runs else 0
-        total = prune = 0.0
-        for e in events:
-            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
-                continue
-            node = e["name"][: -len("_kernel_time")]
-            total += e["dur"]
-            if is_prune(node):
-                prune += e["dur"]
-        return prune / total if total else float("nan")
-    run, request = _load(backend, path, threads, dtype, profile_prefix="openvino")
-    run(feeds)
-    run(feeds)
-    total = prune = 0.0
-    for info in request.profiling_info:
-        seconds = info.real_time.total_seconds()
-        total += seconds
-        if is_prune(info.node_name):
-            prune += seconds
+    times = _profiled_node_times(backend, path, feeds, threads, dtype, workdir)
+    total = sum(t for _, t in times)
+    prune = sum(t for node, t in times if is_prune(node))
     return prune / total if total else float("nan")
 
 
@@ -309,23 +308,8 @@ def _part_shares(backend: str, path: str, feeds: dict, threads: int, workdir: st
         return parts.get(name) or parts.get(name.removesuffix("_nchwc")) or "other"
 
     spent = {p: 0.0 for p in (*_PART_CLASSES, "other")}
-    if backend == "onnxruntime":
-        run, session = _load(backend, path, threads, "float32", profile_prefix=os.path.join(workdir, "profile"))
-        run(feeds)
-        run(feeds)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-        runs = [e for e in events if e.get("name") == "model_run"]
-        start = runs[-1]["ts"] if runs else 0
-        for e in events:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
-                spent[part_of(e["name"][: -len("_kernel_time")])] += e["dur"]
-    else:
-        run, request = _load(backend, path, threads, "float32", profile_prefix="openvino")
-        run(feeds)
-        run(feeds)
-        for info in request.profiling_info:
-            spent[part_of(info.node_name)] += info.real_time.total_seconds()
+    for node, t in _profiled_node_times(backend, path, feeds, threads, "float32", workdir):
+        spent[part_of(node)] += t
     total = sum(spent.values())
     return {p: (v / total if total else float("nan")) for p, v in spent.items()}
 
