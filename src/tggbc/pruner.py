@@ -250,3 +250,9 @@ class Setting:
 
     def describe(self) -> str:
         return DENSE if self.method is None else f"{self.method} r={self.r} n={self.n} k={self.k}"
+
+    def check(self, num_keys: int, num_layers: int) -> None:
+        """Raise now the ValueError this setting would raise at its first frame (r >= keys, a budget
+        no layer spends, ...), so a long run fails before any image is read."""
+        if self.method is not None:
+            self.pruner().reset(num_keys, num_layers)

@@ -359,8 +359,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         settings = settings_for(methods, fractions, k, n=args.n)
     for s in settings:  # an impossible setting fails before the long loop
-        if s.method is not None:
-            s.pruner().reset(model.config.num_keys, model.config.num_layers)
+        s.check(model.config.num_keys, model.config.num_layers)
     results, layers = evaluate(model, args.data, settings, split=args.split, decode=decode,
                                resamples=args.resamples, seed=args.seed, progress=not args.quiet)  # fmt: skip
     print(format_results(results))

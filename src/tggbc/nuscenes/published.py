@@ -640,8 +640,7 @@ def run_model(args: argparse.Namespace, small_defaults: dict) -> int:
         detector = detector.to(device).eval().requires_grad_(False)
         num_keys, layers = detector.config.num_keys, len(detector.decoder.layers)
         for s in settings:  # an impossible setting (r >= keys, ...) fails before any image is read
-            if s.method is not None:
-                s.pruner().reset(num_keys, layers)
+            s.check(num_keys, layers)
         result = evaluate_model(
             detector,
             args.dataroot,
